@@ -1,0 +1,153 @@
+"""Build rules for the optional CUDA extension `sveb_kernels._C`.
+
+Everything else is pure Python and lives in pyproject.toml. The extension is built when a CUDA
+toolkit and a CUDA build of torch are both present, or when SVEB_FORCE_CUDA_BUILD=1 (compiling
+needs no GPU). SVEB_SKIP_CUDA_BUILD=1 skips it. SVEB_CUDA_ARCHS (default "8.0;9.0") picks the
+GPU architectures; MAX_JOBS bounds the parallel compile (honoured by torch's ninja build).
+
+What the extension was built against is written to sveb_kernels/_C_build.json so that an import
+under a different torch can refuse to load it instead of crashing (see sveb_kernels/_build_info.py).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD_INFO = os.path.join(ROOT, "sveb_kernels", "_C_build.json")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _is_toolkit_root(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h")
+    )
+
+
+def _nvcc_target(nvcc: str) -> str:
+    """The real nvcc binary behind `nvcc`: follows symlinks and `exec /path/nvcc "$@"` wrapper scripts.
+
+    torch guesses CUDA_HOME as dirname(dirname(which nvcc)); for a wrapper in /usr/local/bin that
+    guess is wrong, so we look inside small text files for the binary they exec.
+    """
+    for _ in range(8):
+        nvcc = os.path.realpath(nvcc)
+        try:
+            with open(nvcc, "rb") as f:
+                head = f.read(4096)
+        except OSError:
+            return nvcc
+        if not head.startswith(b"#!"):
+            return nvcc
+        match = re.search(rb"(/\S+/nvcc)\b", head[2:].split(b"\n", 1)[-1] or head)
+        if not match:
+            return nvcc
+        nvcc = match.group(1).decode()
+    return nvcc
+
+
+def find_cuda_home() -> str | None:
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if _is_toolkit_root(os.environ.get(var)):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        root = os.path.dirname(os.path.dirname(_nvcc_target(nvcc)))
+        if _is_toolkit_root(root):
+            return root
+    candidates = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    return next((c for c in candidates if _is_toolkit_root(c)), None)
+
+
+def pip_cuda_include_dirs() -> list[str]:
+    """Headers shipped by the pip CUDA wheels (cusparse.h and friends that torch's headers include)."""
+    dirs = []
+    for site in sys.path:
+        dirs += glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
+        dirs += glob.glob(os.path.join(site, "nvidia", "*", "include"))
+    return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
+
+
+def cuda_extension_plan():
+    """Returns (build: bool, reason: str, cuda_home: str | None)."""
+    if _flag("SVEB_SKIP_CUDA_BUILD"):
+        return False, "SVEB_SKIP_CUDA_BUILD=1", None
+    force = _flag("SVEB_FORCE_CUDA_BUILD")
+    cuda_home = find_cuda_home()
+    try:
+        import torch  # noqa: F401
+        torch_cuda = torch.version.cuda
+    except ImportError:
+        torch_cuda = None
+    problems = []
+    if cuda_home is None:
+        problems.append("no CUDA toolkit (nvcc) found; set CUDA_HOME")
+    if torch_cuda is None:
+        problems.append("torch is missing or is a CPU-only build")
+    if problems and force:
+        raise RuntimeError("SVEB_FORCE_CUDA_BUILD=1 but " + "; ".join(problems))
+    if problems:
+        return False, "; ".join(problems), cuda_home
+    return True, "forced" if force else "CUDA toolkit and CUDA torch found", cuda_home
+
+
+def build_kwargs() -> dict:
+    build, reason, cuda_home = cuda_extension_plan()
+    if not build:
+        print(f"sveb_kernels: not building the CUDA extension ({reason})", file=sys.stderr)
+        if os.path.exists(BUILD_INFO):
+            os.remove(BUILD_INFO)
+        return {}
+
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported, so set it first.
+    os.environ["CUDA_HOME"] = cuda_home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("SVEB_CUDA_ARCHS", "8.0;9.0"))
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    nvcc_version = os.popen(f'"{os.path.join(cuda_home, "bin", "nvcc")}" --version').read()
+    match = re.search(r"release (\d+\.\d+)", nvcc_version)
+    info = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "nvcc": match.group(1) if match else "unknown",
+        "cuda_home": cuda_home,
+        "archs": archs,
+        "python": sys.version.split()[0],
+    }
+    with open(BUILD_INFO, "w") as f:
+        json.dump(info, f, indent=1)
+    print(f"sveb_kernels: building the CUDA extension ({reason}): {info}", file=sys.stderr)
+
+    include_dirs = [os.path.join(ROOT, "csrc")] + pip_cuda_include_dirs()
+    ext = CUDAExtension(
+        name="sveb_kernels._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args={
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+        # Python's limited API is not enough for torch extensions; we need the full one.
+        py_limited_api=False,
+    )
+    return {
+        "ext_modules": [ext],
+        "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+        "package_data": {"sveb_kernels": ["_C_build.json"]},
+    }
+
+
+setup(**build_kwargs())

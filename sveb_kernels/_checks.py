@@ -1,0 +1,88 @@
+"""Argument checks shared by the public functions: cheap metadata checks that raise a
+ValueError/TypeError naming the argument, and the opt-in full-tensor scans (validate=True)."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return "/".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor(name: str, x, *, ndim: Optional[int] = None, dtypes=None, shape=None, device=None) -> Tensor:
+    """Checks one tensor argument; `shape` entries of None match any size."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {_dtype_names(dtypes)}, got {x.dtype}")
+    if shape is not None and (
+        len(shape) != x.dim() or any(s is not None and s != n for s, n in zip(shape, x.shape))
+    ):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(x.shape)}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} must be on {device} like the other inputs, got {x.device}")
+    return x
+
+
+def finite_float(name: str, x, *, low: Optional[float] = None, high: Optional[float] = None,
+                 low_open: bool = False) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    if low is not None and (x <= low if low_open else x < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {x}")
+    if high is not None and x > high:
+        raise ValueError(f"{name} must be <= {high}, got {x}")
+    return x
+
+
+def choice(name: str, x, options: tuple[str, ...]) -> str:
+    if not isinstance(x, str):
+        raise TypeError(f"{name} must be a str, got {type(x).__name__}")
+    if x not in options:
+        raise ValueError(f"{name} must be one of {options}, got {x!r}")
+    return x
+
+
+def is_tracing() -> bool:
+    """Data-dependent checks read tensor values; under torch.compile they would break the graph."""
+    return torch.compiler.is_compiling()
+
+
+def validate_requested(validate: Optional[bool]) -> bool:
+    if validate is None:
+        validate = os.environ.get("SVEB_VALIDATE", "0").strip().lower() in ("1", "true", "yes", "on")
+    return bool(validate) and not is_tracing()
+
+
+def all_finite(name: str, x: Tensor) -> None:
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def group_offsets(name: str, offsets: Tensor, n: int, device) -> Tensor:
+    """[G+1] integer offsets, 0 = o_0 <= ... <= o_G = n (checked on the host: G+1 numbers are cheap)."""
+    tensor(name, offsets, ndim=1, dtypes=(torch.int32, torch.int64), device=device)
+    if offsets.numel() < 1:
+        raise ValueError(f"{name} must have G+1 >= 1 entries, got an empty tensor")
+    if not is_tracing():
+        first, last = int(offsets[0]), int(offsets[-1])
+        if first != 0 or last != n:
+            raise ValueError(f"{name} must start at 0 and end at N={n}, got {first} ... {last}")
+        if offsets.numel() > 1 and not bool((offsets[1:] >= offsets[:-1]).all()):
+            raise ValueError(f"{name} must be non-decreasing")
+    return offsets

@@ -1,0 +1,53 @@
+"""The `torch.ops.sveb.*` custom ops: schemas and fake (meta) implementations, defined once.
+
+Each op takes a concrete `backend` name (already resolved from "auto" by the public function), so a
+graph captured by torch.compile calls the same kernel that eager mode would. The op body only looks
+the implementation up in `_backend`; it knows nothing of the algorithms.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._backend import implementation
+
+
+# Why a custom op: it makes Hista opaque to torch.compile (the kernels are not traceable) while its
+# fake impl still gives shapes, so trainers can compile the surrounding step with fullgraph=True.
+@torch.library.custom_op("sveb::hista_values", mutates_args=())
+def hista_values(
+    hidden: Tensor,
+    returns: Tensor,
+    rollout_ids: Tensor,
+    group_offsets: Tensor,
+    temperature: float,
+    similarity: str,
+    key_mask: Optional[Tensor],
+    key_bias: Optional[Tensor],
+    empty_value: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return implementation("hista_values", backend)(
+        hidden, returns, rollout_ids, group_offsets, temperature, similarity, key_mask, key_bias, empty_value
+    )
+
+
+@hista_values.register_fake
+def _hista_values_fake(hidden, returns, rollout_ids, group_offsets, temperature, similarity, key_mask, key_bias,
+                       empty_value, backend):
+    n = hidden.shape[0]
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+
+
+# Why a custom op: the Triton/CUDA scans are single kernels that the compiler must not trace into.
+@torch.library.custom_op("sveb::gae", mutates_args=())
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float, backend: str) -> tuple[Tensor, Tensor]:
+    return implementation("gae", backend)(rewards, values, mask, gamma, lam)
+
+
+@gae.register_fake
+def _gae_fake(rewards, values, mask, gamma, lam, backend):
+    return rewards.new_empty(rewards.shape, dtype=torch.float32), rewards.new_empty(rewards.shape, dtype=torch.float32)

@@ -1,0 +1,70 @@
+"""The `sveb-kernels` command."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import __version__, _backend
+    from ._build_info import built_against, load_extension
+
+    print(f"sveb_kernels {__version__}")
+    print(f"python       {platform.python_version()} ({sys.executable})")
+    cuda = torch.version.cuda or "none (CPU-only build)"
+    print(f"torch        {torch.__version__} (CUDA {cuda})")
+    if torch.cuda.is_available():
+        devices = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        print(f"GPU          {devices}")
+    else:
+        print("GPU          none visible")
+    ok, triton_reason = _backend.triton_status()
+    print(f"triton       {triton_reason}")
+    info = built_against()
+    if info:
+        built = ", ".join(f"{k} {info[k]}" for k in ("torch", "torch_cuda", "nvcc", "archs") if k in info)
+        print(f"extension    built against {built}")
+    _, reason = load_extension()
+    print(f"extension    {reason}")
+    print()
+    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    width = max(len(op) for op in _backend.registered_ops())
+    print(f"{'op'.ljust(width)}  " + "  ".join(f"{d}: backends (auto first)".ljust(40) for d in device_types))
+    for op in _backend.registered_ops():
+        cells = []
+        for device_type in device_types:
+            usable = [b for b in _backend.BACKENDS if _backend.why_unavailable(op, b, device_type) is None]
+            auto = _backend.resolve(op, "auto", device_type) if usable else "-"
+            cells.append(", ".join([auto] + [b for b in usable if b != auto]).ljust(40))
+        print(f"{op.ljust(width)}  " + "  ".join(cells))
+    if args.verbose:
+        print()
+        for op in _backend.registered_ops():
+            for device_type in device_types:
+                for backend in _backend.BACKENDS:
+                    reason = _backend.why_unavailable(op, backend, device_type)
+                    if reason:
+                        print(f"  {op} / {backend} on {device_type}: {reason}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sveb-kernels", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="versions, the compiled extension, and which backends serve which op")
+    info.add_argument("-v", "--verbose", action="store_true", help="say why each missing backend is missing")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Hista: a token's value is the softmax-weighted mean of the returns of the *other* rollouts of its
+prompt, weighted by similarity of the LLM's hidden states (SPEC section 1).
+
+For query token i of group g the keys are K(i) = {j in g : rollout_ids[j] != rollout_ids[i], key_mask[j]},
+the logits s(i, j) = sim(h_i, h_j) / temperature + key_bias[j], and
+
+    values[i] = sum_{j in K(i)} softmax_j(s(i, .)) * returns[j],   lse[i] = logsumexp_{j in K(i)} s(i, j).
+
+This is attention with Q = K = hidden states, a scalar value and a varlen block mask that drops the
+query's own rollout. Every backend uses O(N*D) memory: no [N, N] buffer is ever built.
+Files: `reference.py` (plain PyTorch, any device).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _checks, _ops
+from . import reference as _reference
+
+SIMILARITIES = ("cosine", "dot")
+
+
+class HistaOutput(NamedTuple):
+    """values[N] float32: the Hista estimate per token; lse[N] float32: logsumexp of its logits (-inf if no keys)."""
+
+    values: Tensor
+    lse: Tensor
+
+
+_backend.register("hista_values", "reference", lambda: _reference.hista_values)
+
+
+def hista_values(
+    hidden: Tensor,
+    returns: Tensor,
+    rollout_ids: Tensor,
+    group_offsets: Tensor,
+    *,
+    temperature: float = 0.1,
+    similarity: str = "cosine",
+    key_mask: Optional[Tensor] = None,
+    key_bias: Optional[Tensor] = None,
+    empty_value: float = 0.0,
+    backend: str = "auto",
+    validate: Optional[bool] = None,
+) -> HistaOutput:
+    """Hista state values of packed tokens (see the module docstring for the formula).
+
+    Args:
+        hidden: [N, D] bf16/fp16/fp32 (fp64 is accepted and computed in fp32) hidden states of the
+            packed tokens; products accumulate in fp32.
+        returns: [N] float, the return of each token's rollout (used as fp32).
+        rollout_ids: [N] int32/int64, which rollout each token belongs to (only equality matters).
+        group_offsets: [G+1] int64/int32, 0 = o_0 <= ... <= o_G = N; group g is tokens o_g..o_{g+1}-1.
+        temperature: > 0, divides the similarity.
+        similarity: "cosine" (norms in fp32, eps 1e-6) or "dot".
+        key_mask: optional [N] bool; False removes the token from every key set.
+        key_bias: optional [N] float, added to the logit of key j (e.g. -log len(rollout of j)).
+        empty_value: the value of a token with no keys (single-rollout group, all keys masked).
+        backend: "auto" (SVEB_BACKEND, else the fastest for the device), "reference", "triton", "cuda".
+        validate: also scan the tensors for NaN/inf (default: SVEB_VALIDATE=1).
+
+    Returns:
+        HistaOutput(values [N] float32, lse [N] float32). Gradients are not defined (values are targets).
+    """
+    _checks.tensor("hidden", hidden, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    n, d = hidden.shape
+    device = hidden.device
+    if d < 1:
+        raise ValueError(f"hidden must have D >= 1 columns, got shape {tuple(hidden.shape)}")
+    _checks.tensor("returns", returns, dtypes=_checks.FLOAT_DTYPES, shape=(n,), device=device)
+    _checks.tensor("rollout_ids", rollout_ids, dtypes=(torch.int32, torch.int64), shape=(n,), device=device)
+    _checks.group_offsets("group_offsets", group_offsets, n, device)
+    temperature = _checks.finite_float("temperature", temperature, low=0.0, low_open=True)
+    _checks.choice("similarity", similarity, SIMILARITIES)
+    if key_mask is not None:
+        _checks.tensor("key_mask", key_mask, dtypes=(torch.bool,), shape=(n,), device=device)
+    if key_bias is not None:
+        _checks.tensor("key_bias", key_bias, dtypes=_checks.FLOAT_DTYPES, shape=(n,), device=device)
+    if isinstance(empty_value, bool) or not isinstance(empty_value, (int, float)):
+        raise TypeError(f"empty_value must be a float, got {type(empty_value).__name__}")
+    if _checks.validate_requested(validate):
+        _checks.all_finite("hidden", hidden)
+        _checks.all_finite("returns", returns)
+        if key_bias is not None and bool(torch.isnan(key_bias).any()):
+            raise ValueError("key_bias contains NaN")
+    backend = _backend.resolve("hista_values", backend, device)
+    values, lse = _ops.hista_values(
+        hidden, returns, rollout_ids, group_offsets, temperature, similarity, key_mask, key_bias,
+        float(empty_value), backend,
+    )
+    return HistaOutput(values, lse)

@@ -1,0 +1,93 @@
+"""Hista in plain PyTorch: exact, any device, O(N*D) memory.
+
+Flash-attention structure without a kernel: the packed tokens are cut into query tiles; each tile
+meets only the key range of the groups it touches, in key tiles, with an online softmax. A tile of
+queries from many small groups is processed at once (the group mask does the separation), so small
+groups do not cost one Python iteration each, and one huge group never needs an [N, N] buffer.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+EPS = 1e-6
+# Elements in one [query tile, key tile] score block: ~4 MiB of float32, the bounded working set.
+TILE_ELEMENTS = 1 << 20
+
+
+def hista_values(
+    hidden: Tensor,
+    returns: Tensor,
+    rollout_ids: Tensor,
+    group_offsets: Tensor,
+    temperature: float,
+    similarity: str,
+    key_mask: Optional[Tensor],
+    key_bias: Optional[Tensor],
+    empty_value: float,
+    *,
+    tile_elements: int = TILE_ELEMENTS,
+) -> tuple[Tensor, Tensor]:
+    n = hidden.shape[0]
+    device = hidden.device
+    values = torch.full((n,), float(empty_value), dtype=torch.float32, device=device)
+    lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=device)
+    if n == 0:
+        return values, lse
+
+    offsets = [int(o) for o in group_offsets.tolist()]
+    counts = torch.tensor(offsets, device=device).diff()
+    group_of = torch.repeat_interleave(torch.arange(len(counts), device=device), counts, output_size=n)
+    rollout = rollout_ids.to(device)
+
+    # Per-token scales fold the cosine normalisation and 1/temperature into the GEMM operands.
+    query_scale = torch.full((n,), 1.0 / temperature, dtype=torch.float32, device=device)
+    key_scale = None
+    if similarity == "cosine":
+        inv_norm = 1.0 / torch.linalg.vector_norm(hidden, dim=1, dtype=torch.float32).clamp_min(EPS)
+        query_scale = query_scale * inv_norm
+        key_scale = inv_norm
+    # Additive key term: the bias for usable keys, -inf for masked ones.
+    key_add = torch.zeros(n, dtype=torch.float32, device=device)
+    if key_bias is not None:
+        key_add = key_add + key_bias.to(torch.float32)
+    if key_mask is not None:
+        key_add = key_add.masked_fill(~key_mask.to(torch.bool), float("-inf"))
+    ret = returns.to(torch.float32)
+
+    tile = max(1, int(tile_elements ** 0.5))
+    for q0 in range(0, n, tile):
+        q1 = min(q0 + tile, n)
+        # Key range: from the start of q0's group to the end of (q1-1)'s group.
+        k_lo = offsets[bisect.bisect_right(offsets, q0) - 1]
+        k_hi = offsets[bisect.bisect_right(offsets, q1 - 1)]
+        queries = hidden[q0:q1].to(torch.float32) * query_scale[q0:q1, None]
+        q_group, q_rollout = group_of[q0:q1, None], rollout[q0:q1, None]
+        key_tile = max(1, tile_elements // (q1 - q0))
+        row_max = torch.full((q1 - q0,), float("-inf"), dtype=torch.float32, device=device)
+        denom = torch.zeros(q1 - q0, dtype=torch.float32, device=device)
+        numer = torch.zeros(q1 - q0, dtype=torch.float32, device=device)
+        for k0 in range(k_lo, k_hi, key_tile):
+            k1 = min(k0 + key_tile, k_hi)
+            keys = hidden[k0:k1].to(torch.float32)
+            if key_scale is not None:
+                keys = keys * key_scale[k0:k1, None]
+            scores = queries @ keys.T + key_add[k0:k1]
+            usable = (q_group == group_of[k0:k1]) & (q_rollout != rollout[k0:k1])
+            scores = scores.masked_fill_(~usable, float("-inf"))
+            new_max = torch.maximum(row_max, scores.amax(dim=1))
+            # Rows with no usable key so far keep max -inf; shift them by 0 so exp() gives 0, not NaN.
+            shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+            weights = torch.exp(scores - shift[:, None])
+            rescale = torch.exp(row_max - shift)
+            denom = denom * rescale + weights.sum(dim=1)
+            numer = numer * rescale + weights @ ret[k0:k1]
+            row_max = new_max
+        has_keys = denom > 0
+        values[q0:q1] = torch.where(has_keys, numer / torch.where(has_keys, denom, 1.0), values[q0:q1])
+        lse[q0:q1] = torch.where(has_keys, row_max + torch.log(torch.where(has_keys, denom, 1.0)), lse[q0:q1])
+    return values, lse

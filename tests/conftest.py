@@ -1,0 +1,29 @@
+import os
+import random
+
+import pytest
+import torch
+
+# Triton kernels under the interpreter must see TRITON_INTERPRET=1 before they are imported, so the
+# tests in tests/triton/ run in a process of their own (tests/test_triton_interpreter.py starts it)
+# unless this process is already that one or a GPU is present.
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    collect_ignore_glob = ["triton/*"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def seed():
+    """A fresh seed per test (SVEB_TEST_SEED reproduces one); printed so a failure shows it."""
+    value = int(os.environ.get("SVEB_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(value)
+    print(f"seed={value}")
+    return value

@@ -1,0 +1,195 @@
+import math
+
+import pytest
+import torch
+
+import sveb_kernels as sk
+from sveb_kernels.hista import reference
+from oracles import hista_oracle
+
+
+def make_batch(rollout_lengths_per_group, d, dtype=torch.float32, scale=1.0, shared_direction=0.5):
+    """Packed Hista inputs: one list of rollout lengths per group (an empty list is an empty group).
+
+    Hidden states share a per-group direction so that similarities are not all ~0 (as in a real LLM).
+    """
+    hidden, rollout_ids, offsets = [], [], [0]
+    next_id = 0
+    for lengths in rollout_lengths_per_group:
+        direction = torch.randn(d)
+        for length in lengths:
+            hidden.append(scale * (shared_direction * direction + torch.randn(length, d)))
+            # ids are arbitrary, non-contiguous ints: only equality inside a group may matter
+            rollout_ids += [next_id * 7 + 3] * length
+            next_id += 1
+        offsets.append(offsets[-1] + sum(lengths))
+    hidden = torch.cat(hidden) if hidden else torch.zeros(0, d)
+    n = hidden.shape[0]
+    returns = torch.randn(n)
+    return (hidden.to(dtype), returns, torch.tensor(rollout_ids, dtype=torch.int32).reshape(n),
+            torch.tensor(offsets, dtype=torch.int64))
+
+
+def random_groups(num_groups, max_rollouts, max_len):
+    return [[int(torch.randint(1, max_len + 1, ())) for _ in range(int(torch.randint(1, max_rollouts + 1, ())))]
+            for _ in range(num_groups)]
+
+
+def assert_close_fp32(out, hidden, returns, rollout_ids, offsets, **kw):
+    want_values, want_lse = hista_oracle(hidden, returns, rollout_ids, offsets, **kw)
+    bound = 1e-4 * max(float(returns.abs().max()) if returns.numel() else 0.0, 1e-30)
+    err = (out.values.double() - want_values).abs().max() if returns.numel() else 0.0
+    assert out.values.dtype == torch.float32 and out.lse.dtype == torch.float32
+    assert not torch.isnan(out.values).any()
+    assert err <= bound, f"values error {err} > {bound}"
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(out.lse), finite)
+    assert (out.lse[~finite] == -math.inf).all()
+    if finite.any():
+        lse_err = (out.lse.double()[finite] - want_lse[finite]).abs() / want_lse[finite].abs().clamp_min(1.0)
+        assert lse_err.max() <= 1e-5
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_random_groups_match_oracle(seed, similarity):
+    groups = random_groups(num_groups=5, max_rollouts=6, max_len=17) + [[], [9]]  # plus empty, single-rollout
+    d = int(torch.randint(1, 70, ()))
+    hidden, returns, rollout_ids, offsets = make_batch(groups, d)
+    temperature = 0.1 if similarity == "cosine" else 3.0 * math.sqrt(d)
+    out = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=temperature, similarity=similarity,
+                          backend="reference")
+    assert_close_fp32(out, hidden, returns, rollout_ids, offsets, temperature=temperature, similarity=similarity)
+
+
+def test_key_mask_bias_and_empty_value(seed):
+    groups = random_groups(num_groups=4, max_rollouts=5, max_len=11)
+    hidden, returns, rollout_ids, offsets = make_batch(groups, 37)
+    n = hidden.shape[0]
+    key_mask = torch.rand(n) > 0.4
+    # all keys of the first group masked: its rows have no keys at all
+    key_mask[offsets[0]:offsets[1]] = False
+    key_bias = torch.randn(n) * 2
+    kw = dict(temperature=0.3, key_mask=key_mask, key_bias=key_bias, empty_value=-2.5)
+    out = sk.hista_values(hidden, returns, rollout_ids, offsets, backend="reference", **kw)
+    assert_close_fp32(out, hidden, returns, rollout_ids, offsets, **kw)
+    assert (out.values[offsets[0]:offsets[1]] == -2.5).all()
+    assert (out.lse[offsets[0]:offsets[1]] == -math.inf).all()
+
+
+def test_single_rollout_groups_get_empty_value(seed):
+    hidden, returns, rollout_ids, offsets = make_batch([[5], [], [1], [3]], 8)
+    out = sk.hista_values(hidden, returns, rollout_ids, offsets, empty_value=0.25)
+    assert (out.values == 0.25).all() and (out.lse == -math.inf).all()
+
+
+@pytest.mark.parametrize("scale", [300.0, 3000.0])
+def test_huge_hidden_norms_cosine(seed, scale):
+    hidden, returns, rollout_ids, offsets = make_batch(random_groups(3, 5, 9), 257, scale=scale)
+    out = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=0.05)
+    assert_close_fp32(out, hidden, returns, rollout_ids, offsets, temperature=0.05)
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 1e3])
+def test_extreme_temperatures(seed, temperature):
+    hidden, returns, rollout_ids, offsets = make_batch(random_groups(3, 4, 7), 19)
+    out = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=temperature)
+    assert_close_fp32(out, hidden, returns, rollout_ids, offsets, temperature=temperature)
+
+
+def test_one_token_rollouts_and_one_column(seed):
+    hidden, returns, rollout_ids, offsets = make_batch([[1] * 5, [1, 1], [1]], 1)
+    out = sk.hista_values(hidden, returns, rollout_ids, offsets, similarity="dot", temperature=0.7)
+    assert_close_fp32(out, hidden, returns, rollout_ids, offsets, similarity="dot", temperature=0.7)
+
+
+def test_no_tokens():
+    out = sk.hista_values(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int32),
+                          torch.zeros(1, dtype=torch.int64))
+    assert out.values.shape == (0,) and out.lse.shape == (0,)
+
+
+@pytest.mark.parametrize("tile_elements", [1, 7 * 13, 4096])
+def test_tiling_crosses_groups_and_rollouts(seed, tile_elements):
+    """Tiny tiles force many query and key tiles per group and tiles that span several groups."""
+    groups = random_groups(6, 4, 13) + [[40, 33, 51]]  # one long group
+    hidden, returns, rollout_ids, offsets = make_batch(groups, 23)
+    values, lse = reference.hista_values(hidden, returns, rollout_ids, offsets, 0.2, "cosine", None, None, 0.0,
+                                         tile_elements=tile_elements)
+    assert_close_fp32(sk.HistaOutput(values, lse), hidden, returns, rollout_ids, offsets, temperature=0.2)
+
+
+def test_long_group(seed):
+    hidden, returns, rollout_ids, offsets = make_batch([[700, 900, 650, 810]], 64)
+    out = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=0.1)
+    assert_close_fp32(out, hidden, returns, rollout_ids, offsets, temperature=0.1)
+
+
+def plain_pytorch_in_dtype(hidden, returns, rollout_ids, offsets, temperature, similarity):
+    """The formula as a user would write it in the input dtype: full [N, N] scores, mask, softmax."""
+    n = hidden.shape[0]
+    group = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
+    h = hidden
+    if similarity == "cosine":
+        h = h / torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min(1e-6)
+    scores = (h @ h.T) / temperature
+    usable = (group[:, None] == group[None, :]) & (rollout_ids[:, None] != rollout_ids[None, :])
+    scores = scores.masked_fill(~usable, float("-inf"))
+    weights = torch.softmax(scores, dim=1)
+    return (weights @ returns.to(hidden.dtype)).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_low_precision_within_twice_plain_pytorch_error(seed, dtype, similarity):
+    groups = random_groups(4, 6, 15)
+    d = 129
+    hidden, returns, rollout_ids, offsets = make_batch(groups, d, dtype=dtype)
+    temperature = 0.1 if similarity == "cosine" else float(d)
+    out = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=temperature, similarity=similarity)
+    want, _ = hista_oracle(hidden, returns, rollout_ids, offsets, temperature=temperature, similarity=similarity)
+    plain = plain_pytorch_in_dtype(hidden, returns, rollout_ids, offsets, temperature, similarity)
+    has_keys = torch.isfinite(hista_oracle(hidden, returns, rollout_ids, offsets, temperature=temperature,
+                                           similarity=similarity)[1])
+    ours_err = (out.values.double() - want)[has_keys].abs().max()
+    plain_err = (plain.double() - want)[has_keys].abs().max()
+    assert ours_err <= 2 * plain_err + 1e-6, (ours_err, plain_err)
+
+
+def test_non_contiguous_inputs_and_inputs_untouched(seed):
+    hidden, returns, rollout_ids, offsets = make_batch(random_groups(3, 4, 9), 31)
+    n = hidden.shape[0]
+    hidden_t = hidden.T.contiguous().T  # column-major view
+    returns_s = torch.stack([returns, torch.zeros(n)], 1)[:, 0]
+    before = (hidden_t.clone(), returns_s.clone())
+    out = sk.hista_values(hidden_t, returns_s, rollout_ids, offsets)
+    assert not hidden_t.is_contiguous() and not returns_s.is_contiguous()
+    assert torch.equal(before[0], hidden_t) and torch.equal(before[1], returns_s)
+    assert_close_fp32(out, hidden, returns, rollout_ids, offsets)
+
+
+def test_int64_ids_and_offsets_accepted(seed):
+    hidden, returns, rollout_ids, offsets = make_batch(random_groups(3, 4, 6), 12)
+    a = sk.hista_values(hidden, returns, rollout_ids, offsets)
+    b = sk.hista_values(hidden, returns, rollout_ids.long(), offsets.int())
+    torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
+
+
+def test_reference_memory_is_bounded():
+    """The reference never builds an [N, N] buffer: its working set does not grow with N^2."""
+    n, d = 3000, 16
+    hidden, returns, rollout_ids, offsets = make_batch([[n // 4] * 4], d)
+    allocated = []
+    real_matmul = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        out = real_matmul(a, b)
+        allocated.append(out.numel())
+        return out
+
+    torch.Tensor.__matmul__ = spy
+    try:
+        reference.hista_values(hidden, returns, rollout_ids, offsets, 0.1, "cosine", None, None, 0.0,
+                               tile_elements=1 << 16)
+    finally:
+        torch.Tensor.__matmul__ = real_matmul
+    assert allocated and max(allocated) <= 1 << 16 < n * n
