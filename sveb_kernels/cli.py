@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="versions, the compiled extension, and which backends serve which op")
     info.add_argument("-v", "--verbose", action="store_true", help="say why each missing backend is missing")
     info.set_defaults(func=_info)
+    from .benchmark import add_parser as add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 

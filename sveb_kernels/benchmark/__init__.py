@@ -1,0 +1,77 @@
+"""`sveb-kernels bench`: what every op costs with every backend, against what users write without us.
+
+runner.py (the runs and agreement checks), cases.py (synthetic RL batches), baselines.py (naive
+PyTorch Hista, FlexAttention, the per-token GAE loop), timing.py (medians, peaks, ceilings),
+report.py (table / JSON / CSV), plot.py (matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+DEFAULT_CSV = os.path.join("bench", "results", "sveb_bench.csv")
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("bench", help="time every op x backend against the baselines; table, JSON, CSV, plot")
+    p.add_argument("--quick", action="store_true", help="small sizes: within a minute on a 2-core CPU")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--ops", default="hista,gae", help="comma-separated subset of: hista, gae")
+    p.add_argument("--sizes", default=None,
+                   help="Hista tokens per group, comma-separated (the plot's x axis), e.g. 4096,16384")
+    p.add_argument("--hidden", type=int, default=0, help="Hista hidden size D (default 4096 GPU, 512 CPU)")
+    p.add_argument("--rollouts", type=int, default=8, help="rollouts per group")
+    p.add_argument("--groups", type=int, default=2, help="groups (prompts) per Hista batch")
+    p.add_argument("--gae", default="64x4096", help="GAE batch BxT")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON ('-' for stdout)")
+    p.add_argument("--csv", metavar="PATH", default=None,
+                   help=f"append rows to this CSV (default {DEFAULT_CSV} when that folder exists)")
+    p.add_argument("--no-csv", action="store_true", help="do not append to any CSV")
+    p.add_argument("--plot", metavar="PNG", help="plot Hista time and memory against tokens per group")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from . import plot, report
+    from .runner import Config, run
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("sveb-kernels bench: --device cuda but no CUDA GPU is visible", file=sys.stderr)
+        return 2
+    ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
+    unknown = set(ops) - {"hista", "gae"}
+    if unknown:
+        print(f"sveb-kernels bench: unknown --ops {sorted(unknown)}", file=sys.stderr)
+        return 2
+    try:
+        sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else ()
+        batch, length = (int(x) for x in args.gae.lower().split("x"))
+    except ValueError:
+        print("sveb-kernels bench: --sizes takes integers like 4096,16384 and --gae one like 64x4096", file=sys.stderr)
+        return 2
+    config = Config(device=device, quick=args.quick, ops=ops, hista_tokens=sizes, hidden_size=args.hidden,
+                    rollouts=args.rollouts, groups=args.groups, gae_shape=(batch, length), repeats=args.repeats)
+    result = run(config)
+    env = report.environment(device)
+    if args.json == "-":
+        print(report.as_json(result, env))
+    else:
+        print(report.table(result, env))
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(report.as_json(result, env))
+    csv_path = None if args.no_csv else (args.csv or (DEFAULT_CSV if os.path.isdir(os.path.dirname(DEFAULT_CSV))
+                                                      else None))
+    if csv_path and result.rows:
+        report.append_csv(result, env, csv_path)
+        print(f"appended {len(result.rows)} rows to {csv_path}", file=sys.stderr)
+    if args.plot:
+        plot.plot_hista(result, args.plot, f"Hista on {env['device_name']} (D={config.hidden_size})")
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0 if all(r.agree is not False for r in result.rows) else 1

@@ -1,0 +1,193 @@
+"""Runs every op with every available backend and with the baselines users write today, checks that
+the results agree, and collects one row per (op, size, implementation)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .. import _backend, gae, hista_values
+from . import baselines, cases, timing
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    impl: str
+    tokens_per_group: Optional[int] = None
+    median_ms: Optional[float] = None
+    speedup: Optional[float] = None  # baseline time / this time, measured in the same run
+    peak_mib: Optional[float] = None
+    rate: Optional[float] = None  # TFLOP/s (hista) or GB/s (gae)
+    rate_unit: str = ""
+    pct_of_ceiling: Optional[float] = None  # of the matmul (TFLOP/s) or copy (GB/s) measured in this run
+    agree: Optional[bool] = None
+    max_abs_diff: Optional[float] = None
+    note: str = ""
+
+
+@dataclass
+class Config:
+    device: torch.device
+    quick: bool = False
+    ops: tuple[str, ...] = ("hista", "gae")
+    hista_tokens: tuple[int, ...] = ()
+    hidden_size: int = 0
+    rollouts: int = 8
+    groups: int = 2
+    gae_shape: tuple[int, int] = (64, 4096)
+    repeats: int = 5
+    max_seconds: float = 10.0
+    progress: bool = True
+
+    def __post_init__(self):
+        cuda = self.device.type == "cuda"
+        if not self.hista_tokens:
+            if cuda:
+                self.hista_tokens = (4096, 16384) if self.quick else (4096, 8192, 16384, 32768, 65536)
+            else:
+                self.hista_tokens = (256, 512, 1024) if self.quick else (512, 1024, 2048, 4096)
+        if not self.hidden_size:
+            self.hidden_size = 4096 if cuda else (256 if self.quick else 512)
+        if self.quick:
+            self.repeats = min(self.repeats, 3)
+            self.max_seconds = min(self.max_seconds, 3.0)
+
+
+@dataclass
+class Report:
+    config: dict
+    ceilings: dict
+    rows: list[Row] = field(default_factory=list)
+
+
+class _Progress:
+    """One status line on stderr (no dependency); silent when stderr is not a terminal."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done = total, 0
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self.enabled:
+            filled = int(30 * self.done / max(self.total, 1))
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {label[:60]:<60}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 110 + "\r")
+
+
+def _run_variant(row: Row, fn: Callable[[], object], config: Config, reference, compare, baseline_ms):
+    try:
+        result = fn()
+        m = timing.measure(fn, config.device, config.repeats, max_seconds=config.max_seconds)
+    except torch.OutOfMemoryError:
+        row.note = "out of memory"
+        if config.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+    except Exception as e:  # a backend failing must not hide the others' numbers
+        row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        return None
+    row.median_ms = m.median_s * 1e3
+    row.peak_mib = None if m.peak_bytes is None else m.peak_bytes / 2**20
+    if baseline_ms:
+        row.speedup = baseline_ms / row.median_ms
+    if reference is not None:
+        row.max_abs_diff, row.agree = compare(result, reference)
+    return result
+
+
+def _hista_rows(config: Config, dtype: torch.dtype, ceilings: dict, progress: _Progress) -> list[Row]:
+    rows = []
+    temperature, similarity = 0.1, "cosine"
+    for tokens in config.hista_tokens:
+        case = cases.hista_case(config.groups, config.rollouts, tokens, config.hidden_size, dtype, config.device)
+        args = (case.hidden, case.returns, case.rollout_ids, case.group_offsets)
+        tol = (1e-4 if dtype == torch.float32 else 5e-2) * float(case.returns.abs().max().clamp_min(1e-30))
+
+        def compare(result, reference):
+            values = result[0] if isinstance(result, tuple) else result
+            diff = float((values.float() - reference).abs().max()) if values.numel() else 0.0
+            return diff, diff <= tol
+
+        reference = hista_values(*args, temperature=temperature, similarity=similarity, backend="reference").values
+        variants = [("naive PyTorch", lambda: baselines.naive_hista(*args, temperature, similarity))]
+        if config.device.type == "cuda" and config.hidden_size <= 256:
+            variants.append(("FlexAttention", lambda: baselines.flex_attention_hista(*args, temperature, similarity)))
+        for backend in _backend.available_backends(config.device)["hista_values"]:
+            variants.append((backend, lambda b=backend: hista_values(*args, temperature=temperature,
+                                                                      similarity=similarity, backend=b)))
+        baseline_ms = None
+        for impl, fn in variants:
+            progress.step(f"hista {impl} {tokens} tok/group")
+            row = Row("hista_values", case.label, impl, tokens_per_group=tokens)
+            _run_variant(row, fn, config, reference, compare, baseline_ms)
+            if impl == "naive PyTorch":
+                baseline_ms = row.median_ms
+            if row.median_ms:
+                row.rate, row.rate_unit = case.flops / (row.median_ms / 1e3) / 1e12, "TFLOP/s"
+                row.pct_of_ceiling = 100 * row.rate * 1e12 / ceilings["matmul_flops_per_s"]
+            rows.append(row)
+    return rows
+
+
+def _gae_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row]:
+    batch, length = config.gae_shape
+    case = cases.gae_case(batch, length, config.device)
+    args = (case.rewards, case.values, case.mask, 1.0, 0.95)
+    reference = gae(*args, backend="reference")[0]
+    scale = 1 + float(reference.abs().max())
+    bound = 1e-5 * scale * math.log2(length + 1)
+
+    def compare(result, expected):
+        diff = float((result[0] - expected).abs().max())
+        return diff, diff <= bound
+
+    variants = [("per-token loop", lambda: baselines.gae_loop(*args))]
+    for backend in _backend.available_backends(config.device)["gae"]:
+        variants.append((backend, lambda b=backend: gae(*args, backend=b)))
+    rows, baseline_ms = [], None
+    for impl, fn in variants:
+        progress.step(f"gae {impl}")
+        row = Row("gae", case.label, impl)
+        _run_variant(row, fn, config, reference, compare, baseline_ms)
+        if impl == "per-token loop":
+            baseline_ms = row.median_ms
+        if row.median_ms:
+            row.rate, row.rate_unit = case.bytes_moved / (row.median_ms / 1e3) / 1e9, "GB/s"
+            row.pct_of_ceiling = 100 * row.rate * 1e9 / ceilings["copy_bytes_per_s"]
+        rows.append(row)
+    return rows
+
+
+def run(config: Config) -> Report:
+    device = config.device
+    matmul_rate, matmul_what = timing.matmul_flops_per_s(device, config.quick)
+    ceilings = {
+        "matmul_flops_per_s": matmul_rate,
+        "matmul": matmul_what,
+        "copy_bytes_per_s": timing.copy_bytes_per_s(device, config.quick),
+    }
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    counts = {"hista": len(config.hista_tokens) * (2 + len(_backend.available_backends(device)["hista_values"])),
+              "gae": 1 + len(_backend.available_backends(device)["gae"])}
+    progress = _Progress(sum(counts.get(op, 0) for op in config.ops), config.progress)
+    report = Report(config={k: (str(v) if isinstance(v, torch.device) else v) for k, v in asdict(config).items()},
+                    ceilings=ceilings)
+    try:
+        if "hista" in config.ops:
+            report.rows += _hista_rows(config, dtype, ceilings, progress)
+        if "gae" in config.ops:
+            report.rows += _gae_rows(config, ceilings, progress)
+    finally:
+        progress.close()
+    return report
