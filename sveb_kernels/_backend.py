@@ -85,6 +85,9 @@ def why_unavailable(op: str, backend: str, device_type: str) -> Optional[str]:
     return None if module is not None else f"CUDA extension unavailable: {reason}"
 
 
+# Under torch.compile the choice is made once, eagerly, at trace time (it imports Triton or the
+# extension and reads the environment, none of which belongs in a graph); the graph keeps the result.
+@torch.compiler.assume_constant_result
 def resolve(op: str, backend: str, device: Union[torch.device, str]) -> str:
     """Turns backend='auto' (or SVEB_BACKEND) into a concrete backend, or raises ValueError."""
     if not isinstance(backend, str):
