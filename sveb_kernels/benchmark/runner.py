@@ -178,8 +178,10 @@ def run(config: Config) -> Report:
         "copy_bytes_per_s": timing.copy_bytes_per_s(device, config.quick),
     }
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    counts = {"hista": len(config.hista_tokens) * (2 + len(_backend.available_backends(device)["hista_values"])),
-              "gae": 1 + len(_backend.available_backends(device)["gae"])}
+    backends = _backend.available_backends(device)
+    flex = device.type == "cuda" and config.hidden_size <= 256
+    counts = {"hista": len(config.hista_tokens) * (1 + flex + len(backends["hista_values"])),
+              "gae": 1 + len(backends["gae"])}
     progress = _Progress(sum(counts.get(op, 0) for op in config.ops), config.progress)
     report = Report(config={k: (str(v) if isinstance(v, torch.device) else v) for k, v in asdict(config).items()},
                     ceilings=ceilings)
