@@ -13,11 +13,13 @@ masked positions skipped:
     returns = adv + v
 
 Note that a masked position gets the advantage carried from the next valid one (as in that loop);
-multiply by the mask if you want zeros there. Files: `reference.py` (parallel scan in PyTorch).
+multiply by the mask if you want zeros there. Files: `reference.py` (parallel scan in PyTorch),
+`triton.py` (blocked scan kernel for CUDA tensors).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -27,6 +29,7 @@ from .. import _backend, _checks, _ops
 from . import reference as _reference
 
 _backend.register("gae", "reference", lambda: _reference.gae)
+_backend.register("gae", "triton", lambda: importlib.import_module(".triton", __name__).gae)
 
 _MASK_DTYPES = (torch.bool,) + _checks.INT_DTYPES + _checks.FLOAT_DTYPES
 

@@ -1,0 +1,470 @@
+"""Hista as fused Triton kernels: similarity GEMM + online softmax + return averaging, varlen groups.
+
+Imported only by the backend loader (importing triton is slow, and TRITON_INTERPRET must be set
+before the kernels below are defined).
+
+Structure (flash-attention forward with Q = K = hidden, value dimension 1):
+  1. `_row_terms_kernel`, one pass over hidden: per-token query scale (inverse norm / temperature, in
+     base 2), key scale (inverse norm) and additive key term (key_bias in base 2, -inf for masked
+     keys). Cosine is thus never materialised as normalised hidden states: the scales are applied to
+     the fp32 GEMM tile in the epilogue, which is also more accurate than normalising in bf16.
+  2. `_hista_kernel`, one program per *work item* = (group, query tile, key split). For each key
+     tile of its split it computes the [BLOCK_M, BLOCK_N] score tile as a K-loop over D in BLOCK_D
+     chunks (`tl.dot`, fp32 accumulation, tensor cores), then an online softmax in base 2 with the
+     same-rollout exclusion, key mask and key bias. The value dimension is 1, so the weighted sum
+     of returns is a row reduction of p * returns, not a padded second GEMM.
+  3. `_combine_kernel`, only when some group was split along its keys: merges the per-split
+     (max, sum, weighted sum) triples of every row, flash-decoding style.
+
+Why the D loop re-reads Q chunks for every key tile: a query tile of 128 rows at D = 4096 is 1 MiB
+in bf16, several times the shared memory of an SM, so neither operand can stay resident; each score
+tile is a full GEMM K-loop, pipelined by Triton (`num_stages`, cp.async on Ampere, async copies
+feeding wgmma on Hopper). What decides the speed is then the L2 hit rate of those re-reads, exactly
+as in a plain GEMM. Hence the key splits and the raster: the work items of a group are ordered as
+blocks of GROUP_Q query tiles x all key splits, so the ~#SM programs running at once touch GROUP_Q
+query panels and one key tile per split (about 8 + 16 MiB at D = 4096), which fits the 50 MiB L2
+of an H100, instead of one private query panel per program (132 MiB per wave, streamed from HBM).
+Splits also give enough programs when a batch has few query tiles. Two loop shapes are offered:
+the default skips the GEMM of key tiles that hold only the query tile's own rollout (~1/R of the
+work for R rollouts), at the price of refilling the D-loop pipeline for every key tile; `flatten`
+lets Triton fuse both loops into one pipelined loop, so the next tile's loads overlap this tile's
+softmax, but then every tile is computed. Which wins is measured by `bench/hista_gpu.py`'s sweep.
+Not used: TMA tensor descriptors (need 16-byte aligned rows, i.e. D % 8 == 0, and a device-side
+allocator) and automatic warp specialization (Blackwell only in this Triton): candidates for a
+second tuning round on Hopper once the sweep has numbers.
+
+Precision: bf16/fp16 products accumulate in fp32 on tensor cores; fp32 inputs use 3xTF32 (plain
+TF32 would miss the fp32 accuracy bound of SPEC 1); fp64 inputs are computed in fp32.
+
+Scheduling across groups of very different sizes: the host reads group_offsets (G+1 numbers), sorts
+the groups longest first and gives every work item one program; programs start in id order, so the
+largest items run first and the short ones fill the tail (longest-processing-time-first). A program
+finds its group by a binary search over the per-group item counts.
+
+Memory: O(N*D) inputs, O(N) per-token terms and outputs, plus 3 * max_splits * N floats of split
+partials (max_splits <= 16) when splits are used. Never [N, N]. Reading group_offsets on the host
+synchronises with the GPU once per call, as the reference does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+EPS = 1e-6
+LOG2E = 1.4426950408889634
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(math.log(2.0))
+_NEG_INF = tl.constexpr(float("-inf"))
+# Columns of the per-group schedule table (int64 [G', 5]).
+_SCHED_COLS = tl.constexpr(5)
+
+
+@dataclass(frozen=True)
+class HistaConfig:
+    """Tile shape and schedule knobs of the fused kernel."""
+
+    block_m: int = 128  # query rows per program
+    block_n: int = 128  # keys per score tile
+    block_d: int = 64  # hidden columns per K-loop step
+    num_warps: int = 8
+    num_stages: int = 3
+    group_q: int = 8  # query tiles per raster block (L2 reuse of query panels across splits)
+    min_split_keys: int = 1024  # a group is split along its keys only into parts of at least this many
+    max_splits: int = 16  # and into at most this many parts
+    skip_empty_tiles: bool = True  # skip the GEMM of a score tile whose keys are all unusable
+    flatten: bool = False  # one pipelined loop over (key tile, D chunk); excludes skip_empty_tiles
+
+
+# Under the interpreter the blocks only need to be small and few (numpy runs each op); splits are
+# made small so that tests exercise them.
+INTERPRETER_CONFIG = HistaConfig(block_m=32, block_n=32, block_d=32, num_warps=4, num_stages=1,
+                                 group_q=2, min_split_keys=64, max_splits=4)
+
+
+def _stages_that_fit(smem_bytes: int, block_m: int, block_n: int, block_d: int, elem: int, most: int) -> int:
+    """Pipeline depth that fits the SM's shared memory (leaving room for the epilogue's scratch)."""
+    per_stage = (block_m + block_n) * block_d * elem
+    return max(2, min(most, int(0.8 * smem_bytes) // per_stage))
+
+
+def config_for(major: int, smem_bytes: int, dtype: torch.dtype) -> HistaConfig:
+    """The config for a GPU of compute capability `major`.x with `smem_bytes` of shared memory per block.
+
+    Hopper/Blackwell (sm90+): 128x128 score tiles, 8 warps (two warpgroups of wgmma m64n128),
+    BLOCK_D 64 for bf16; fp16 takes 64x128 tiles with one warpgroup (two CTAs per SM), because
+    ptxas spills the fp16 build of the 128x128 epilogue.
+    Ampere (sm8x): BLOCK_D 32 with deeper cp.async pipelines, as Triton's tuned A100 matmuls.
+    fp32 inputs run 3xTF32 (see `_dot_precision`) on 128x64 tiles (128x128 spills).
+    Chosen from the GEMM structure and the compiled kernels' register use (no spills, checked by
+    tests/test_triton_compile.py), not yet timed: the sweep of `bench/hista_gpu.py` times
+    `candidate_configs` on a real GPU to confirm or replace them.
+    """
+    elem = 4 if dtype == torch.float32 else 2
+    if dtype == torch.float32:
+        cfg = HistaConfig(block_m=128, block_n=64, block_d=32, num_warps=8)
+    elif major >= 9 and dtype == torch.bfloat16:
+        cfg = HistaConfig(block_m=128, block_n=128, block_d=64, num_warps=8)
+    elif major >= 9:
+        cfg = HistaConfig(block_m=64, block_n=128, block_d=64, num_warps=4)
+    elif major == 8:
+        cfg = HistaConfig(block_m=128, block_n=128, block_d=32, num_warps=8)
+    else:
+        cfg = HistaConfig(block_m=64, block_n=64, block_d=32, num_warps=4)
+    return replace(cfg, num_stages=_stages_that_fit(smem_bytes, cfg.block_m, cfg.block_n, cfg.block_d, elem, most=4))
+
+
+def pick_config(device: torch.device, dtype: torch.dtype) -> HistaConfig:
+    """The config for tensors of `dtype` on `device` (the interpreter's one on CPU)."""
+    if _INTERPRETED or device.type != "cuda":
+        return INTERPRETER_CONFIG
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
+    return config_for(props.major, smem, dtype)
+
+
+def candidate_configs(device: torch.device, dtype: torch.dtype) -> list[HistaConfig]:
+    """Configs worth timing on this GPU (for the benchmark's --sweep), the picked one first."""
+    base = pick_config(device, dtype)
+    if _INTERPRETED or device.type != "cuda":
+        return [base]
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
+    elem = 4 if dtype == torch.float32 else 2
+    shapes = [(128, 128, 64, 8), (128, 128, 32, 8), (128, 64, 64, 8), (128, 64, 32, 4), (64, 128, 64, 4),
+              (64, 64, 64, 4), (128, 256, 64, 8)]
+    out = [base]
+    for bm, bn, bd, warps in shapes:
+        for most in (3, 4):
+            stages = _stages_that_fit(smem, bm, bn, bd, elem, most)
+            cfg = replace(base, block_m=bm, block_n=bn, block_d=bd, num_warps=warps, num_stages=stages)
+            if cfg not in out:
+                out.append(cfg)
+    for variant in (replace(base, group_q=4), replace(base, group_q=16), replace(base, max_splits=8),
+                    replace(base, max_splits=1), replace(base, skip_empty_tiles=False),
+                    replace(base, flatten=True), replace(base, flatten=True, num_stages=3)):
+        if variant not in out:
+            out.append(variant)
+    return out
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # (Only read for fp32 operands.) fp32 inputs must meet |err| <= 1e-4 * max|returns|; plain TF32 (10-bit mantissa) gives logit
+    # errors of ~1e-2 at temperature 0.1, 3xTF32 is fp32-accurate and still runs on tensor cores.
+    return "tf32x3" if dtype == torch.float32 else "ieee"
+
+
+@triton.jit
+def _row_terms_kernel(hidden_ptr, key_mask_ptr, key_bias_ptr, q_scale_ptr, k_scale_ptr, k_add_ptr,
+                      N, D, q_factor, eps,
+                      COSINE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    if COSINE:
+        cols = tl.arange(0, BLOCK_D)
+        squares = tl.zeros((BLOCK_R,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ok = row_ok[:, None] & ((d0 + cols) < D)[None, :]
+            x = tl.load(hidden_ptr + rows[:, None] * D + (d0 + cols)[None, :], mask=ok, other=0.0).to(tl.float32)
+            squares += tl.sum(x * x, axis=1)
+        inv_norm = 1.0 / tl.maximum(tl.sqrt_rn(squares), eps)
+        tl.store(q_scale_ptr + rows, inv_norm * q_factor, mask=row_ok)
+        tl.store(k_scale_ptr + rows, inv_norm, mask=row_ok)
+    else:
+        tl.store(q_scale_ptr + rows, tl.full((BLOCK_R,), q_factor, tl.float32), mask=row_ok)
+    if HAS_MASK or HAS_BIAS:
+        add = tl.zeros((BLOCK_R,), tl.float32)
+        if HAS_BIAS:
+            add = tl.load(key_bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E
+        if HAS_MASK:
+            usable = tl.load(key_mask_ptr + rows, mask=row_ok, other=0) != 0
+            add = tl.where(usable, add, _NEG_INF)
+        tl.store(k_add_ptr + rows, add, mask=row_ok)
+
+
+@triton.jit
+def _finish(m, l, a, empty_value):
+    """(values, lse) from a row's base-2 max, sum of weights and weighted sum of returns."""
+    has_keys = l > 0
+    safe_l = tl.where(has_keys, l, 1.0)
+    values = tl.where(has_keys, a / safe_l, empty_value)
+    lse = tl.where(has_keys, (m + tl.log2(safe_l)) * _LN2, _NEG_INF)
+    return values, lse
+
+
+@triton.jit
+def _merge(m, l, a, m_other, l_other, a_other):
+    """Online-softmax merge of two (max, sum, weighted sum) states; -inf maxima mean empty states."""
+    m_new = tl.maximum(m, m_other)
+    shift = tl.where(m_new == _NEG_INF, 0.0, m_new)  # keeps exp2(-inf - -inf) from becoming NaN
+    w = tl.exp2(m - shift)
+    w_other = tl.exp2(m_other - shift)
+    return m_new, l * w + l_other * w_other, a * w + a_other * w_other
+
+
+@triton.jit
+def _hista_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_scale_ptr, k_add_ptr,
+                  schedule_ptr, num_sched_groups, search_steps,
+                  values_ptr, lse_ptr, part_m_ptr, part_l_ptr, part_a_ptr,
+                  N, D, empty_value,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_Q: tl.constexpr,
+                  HAS_K_SCALE: tl.constexpr, HAS_K_ADD: tl.constexpr, SINGLE_D_CHUNK: tl.constexpr,
+                  EVEN_D: tl.constexpr, DIRECT_OUT: tl.constexpr, SKIP_EMPTY_TILES: tl.constexpr,
+                  UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr):
+    item = tl.program_id(0)
+    # The scheduled group holding this item: the last g with item_base[g] <= item.
+    lo = 0
+    hi = num_sched_groups - 1
+    for _ in range(search_steps):
+        mid = (lo + hi + 1) // 2
+        right = tl.load(schedule_ptr + mid * _SCHED_COLS + 2) <= item
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid - 1)
+    entry = schedule_ptr + lo * _SCHED_COLS
+    g_start = tl.load(entry)
+    g_end = g_start + tl.load(entry + 1)
+    local = item - tl.load(entry + 2)
+    n_splits = tl.load(entry + 3)
+    split_len = tl.load(entry + 4)
+
+    # Raster inside the group: blocks of GROUP_Q query tiles x all splits, split-major in a block.
+    q_tiles = tl.cdiv(g_end - g_start, BLOCK_M)
+    per_block = GROUP_Q * n_splits
+    q_block = local // per_block
+    in_block = local % per_block
+    tiles_here = tl.minimum(q_tiles - q_block * GROUP_Q, GROUP_Q)
+    split = in_block // tiles_here
+    q_tile = q_block * GROUP_Q + in_block % tiles_here
+
+    q_start = g_start + q_tile * BLOCK_M
+    rows = q_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < g_end
+    k_lo = g_start + split * split_len
+    k_hi = tl.minimum(k_lo + split_len, g_end)
+
+    q_rollout = tl.load(rollout_ptr + rows, mask=row_ok, other=0)
+    q_scale = tl.load(q_scale_ptr + rows, mask=row_ok, other=0.0)
+    if SKIP_EMPTY_TILES:
+        # A query tile inside one rollout skips the key tiles of that same rollout (cheap 1-D test,
+        # nothing [BLOCK_M, BLOCK_N] stays live across the GEMM).
+        q_first = tl.load(rollout_ptr + q_start)
+        q_one_rollout = tl.min(tl.where(row_ok, q_rollout, q_first)) == tl.max(tl.where(row_ok, q_rollout, q_first))
+    # 64-bit tile base pointers (N*D may exceed 2^31) plus 32-bit in-tile offsets: 64-bit offset
+    # tensors would cost two registers per element for the whole key loop.
+    d_offs = tl.arange(0, BLOCK_D)
+    q_ptrs = (hidden_ptr + q_start * D) + (tl.arange(0, BLOCK_M)[:, None] * D + d_offs[None, :])
+    k_offs = tl.arange(0, BLOCK_N)[:, None] * D + d_offs[None, :]
+    if SINGLE_D_CHUNK:  # the whole query row block fits one chunk: load it once
+        q_resident = tl.load(q_ptrs, mask=row_ok[:, None] & (d_offs < D)[None, :], other=0.0)
+        if UPCAST_DOT:
+            q_resident = q_resident.to(tl.float32)
+
+    m_i = tl.full((BLOCK_M,), _NEG_INF, tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    a_i = tl.zeros((BLOCK_M,), tl.float32)
+    key_idx = tl.arange(0, BLOCK_N)
+    # FLATTEN fuses this loop with the D loop into one software-pipelined loop (loads of the next key
+    # tile overlap this tile's softmax), which needs a perfect loop nest: no tile skipping then.
+    for k0 in tl.range(k_lo, k_hi, BLOCK_N, flatten=FLATTEN):
+        # Column vectors live in the accumulator's layout (a quarter of the columns per thread):
+        # scalar tile bases + 32-bit offsets keep them from holding 64-bit pointers per element.
+        col_ok = key_idx < (k_hi - k0)
+        k_rollout_ptrs = (rollout_ptr + k0) + key_idx
+        k_add_ptrs = (k_add_ptr + k0) + key_idx
+        run_tile = True
+        if SKIP_EMPTY_TILES:
+            # Loaded again after the GEMM: [BLOCK_N] vectors kept live across the D loop would cost
+            # a register per column in the accumulator's layout.
+            k_rollout = tl.load(k_rollout_ptrs, mask=col_ok, other=0)
+            key_ok = col_ok
+            if HAS_K_ADD:
+                key_ok = key_ok & (tl.load(k_add_ptrs, mask=col_ok, other=_NEG_INF) != _NEG_INF)
+            k_other = tl.where(key_ok, k_rollout, q_first)
+            own_rollout_only = q_one_rollout & (tl.min(k_other) == q_first) & (tl.max(k_other) == q_first)
+            run_tile = (tl.max(key_ok.to(tl.int32)) > 0) & (not own_rollout_only)
+        if run_tile:
+            k_ptrs = (hidden_ptr + k0 * D) + k_offs
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            if SINGLE_D_CHUNK:
+                k = tl.load(k_ptrs, mask=col_ok[:, None] & (d_offs < D)[None, :], other=0.0)
+                if UPCAST_DOT:
+                    k = k.to(tl.float32)
+                acc = tl.dot(q_resident, tl.trans(k), acc, input_precision=DOT_PRECISION)
+            else:
+                for d0 in range(0, D, BLOCK_D):
+                    if EVEN_D:
+                        q = tl.load(q_ptrs + d0, mask=row_ok[:, None], other=0.0)
+                        k = tl.load(k_ptrs + d0, mask=col_ok[:, None], other=0.0)
+                    else:
+                        d_ok = (d0 + d_offs) < D
+                        q = tl.load(q_ptrs + d0, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                        k = tl.load(k_ptrs + d0, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                    if UPCAST_DOT:
+                        q = q.to(tl.float32)
+                        k = k.to(tl.float32)
+                    acc = tl.dot(q, tl.trans(k), acc, input_precision=DOT_PRECISION)
+
+            scores = acc * q_scale[:, None]
+            if HAS_K_SCALE:
+                scores = scores * tl.load((k_scale_ptr + k0) + key_idx, mask=col_ok, other=0.0)[None, :]
+            if HAS_K_ADD:  # -inf for masked keys
+                scores = scores + tl.load(k_add_ptrs, mask=col_ok, other=_NEG_INF)[None, :]
+            k_rollout = tl.load(k_rollout_ptrs, mask=col_ok, other=0)
+            usable = col_ok[None, :] & (q_rollout[:, None] != k_rollout[None, :])
+            scores = tl.where(usable, scores, _NEG_INF)
+            k_returns = tl.load((returns_ptr + k0) + key_idx, mask=col_ok, other=0.0)
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
+            p = tl.exp2(scores - shift[:, None])
+            rescale = tl.exp2(m_i - shift)
+            l_i = l_i * rescale + tl.sum(p, axis=1)
+            a_i = a_i * rescale + tl.sum(p * k_returns[None, :], axis=1)
+            m_i = m_new
+
+    if DIRECT_OUT:
+        values, lse = _finish(m_i, l_i, a_i, empty_value)
+        tl.store(values_ptr + rows, values, mask=row_ok)
+        tl.store(lse_ptr + rows, lse, mask=row_ok)
+    else:
+        slot = split * N + rows
+        tl.store(part_m_ptr + slot, m_i, mask=row_ok)
+        tl.store(part_l_ptr + slot, l_i, mask=row_ok)
+        tl.store(part_a_ptr + slot, a_i, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(part_m_ptr, part_l_ptr, part_a_ptr, values_ptr, lse_ptr, N, num_splits, empty_value,
+                    BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < N
+    m = tl.full((BLOCK,), _NEG_INF, tl.float32)
+    l = tl.zeros((BLOCK,), tl.float32)
+    a = tl.zeros((BLOCK,), tl.float32)
+    m_ptrs, l_ptrs, a_ptrs = part_m_ptr + rows, part_l_ptr + rows, part_a_ptr + rows
+    for _ in range(num_splits):
+        m_s = tl.load(m_ptrs, mask=ok, other=_NEG_INF)
+        l_s = tl.load(l_ptrs, mask=ok, other=0.0)
+        a_s = tl.load(a_ptrs, mask=ok, other=0.0)
+        m, l, a = _merge(m, l, a, m_s, l_s, a_s)
+        # pointer steps stay 64-bit where s * N could overflow int32
+        m_ptrs += N
+        l_ptrs += N
+        a_ptrs += N
+    values, lse = _finish(m, l, a, empty_value)
+    tl.store(values_ptr + rows, values, mask=ok)
+    tl.store(lse_ptr + rows, lse, mask=ok)
+
+
+def build_schedule(group_offsets: Tensor, cfg: HistaConfig) -> tuple[Tensor, int, int]:
+    """Per-group work table, longest group first: int64 [G', 5] rows of
+    (start, length, first item id, key splits, keys per split), the number of items, the most splits.
+
+    Groups of fewer than 2 tokens have no keys for anyone and are left out (their rows keep the
+    empty value). Cost: O(G) on the host.
+    """
+    offsets = group_offsets.detach().to("cpu", torch.int64)
+    starts, lengths = offsets[:-1], offsets.diff()
+    keep = lengths > 1
+    starts, lengths = starts[keep], lengths[keep]
+    if lengths.numel() == 0:
+        return torch.zeros(0, 5, dtype=torch.int64), 0, 0
+    order = torch.argsort(lengths, descending=True, stable=True)
+    starts, lengths = starts[order], lengths[order]
+    splits = (-(-lengths // cfg.min_split_keys)).clamp(1, max(1, cfg.max_splits))
+    split_len = -(-lengths // splits)
+    split_len = -(-split_len // cfg.block_n) * cfg.block_n  # whole key tiles per split
+    splits = -(-lengths // split_len)
+    items = (-(-lengths // cfg.block_m)) * splits
+    first_item = torch.cumsum(items, 0) - items
+    table = torch.stack([starts, lengths, first_item, splits, split_len], dim=1).contiguous()
+    return table, int(items.sum()), int(splits.max())
+
+
+def kernel_constexprs(cfg: HistaConfig, dtype: torch.dtype, d: int, *, cosine: bool, has_k_add: bool,
+                      direct: bool) -> dict:
+    """The compile-time arguments of `_hista_kernel` for one call (shared with the compile test)."""
+    block_d = min(cfg.block_d, max(16, triton.next_power_of_2(d)))  # tl.dot needs K >= 16
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, GROUP_Q=cfg.group_q,
+                HAS_K_SCALE=cosine, HAS_K_ADD=has_k_add, SINGLE_D_CHUNK=d <= block_d, EVEN_D=d % block_d == 0,
+                DIRECT_OUT=direct, SKIP_EMPTY_TILES=cfg.skip_empty_tiles and not cfg.flatten, FLATTEN=cfg.flatten,
+                UPCAST_DOT=_INTERPRETED and dtype != torch.float32, DOT_PRECISION=_dot_precision(dtype))
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def hista_values(hidden: Tensor, returns: Tensor, rollout_ids: Tensor, group_offsets: Tensor, temperature: float,
+                 similarity: str, key_mask: Optional[Tensor], key_bias: Optional[Tensor], empty_value: float,
+                 *, config: Optional[HistaConfig] = None) -> tuple[Tensor, Tensor]:
+    n, d = hidden.shape
+    device = hidden.device
+    values = torch.full((n,), float(empty_value), dtype=torch.float32, device=device)
+    lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=device)
+    if n == 0:
+        return values, lse
+    if hidden.dtype == torch.float64:
+        hidden = hidden.to(torch.float32)
+    hidden = hidden.contiguous()
+    returns = returns.to(torch.float32).contiguous()
+    rollout_ids = rollout_ids.contiguous()
+    cfg = config or pick_config(device, hidden.dtype)
+
+    with _on_device(device):
+        return _launch(hidden, returns, rollout_ids, group_offsets, temperature, similarity, key_mask, key_bias,
+                       empty_value, cfg, values, lse)
+
+
+def _launch(hidden, returns, rollout_ids, group_offsets, temperature, similarity, key_mask, key_bias, empty_value,
+            cfg, values, lse):
+    """Per-token terms, the host-side schedule, the fused kernel and (if keys were split) the merge."""
+    n, d = hidden.shape
+    device = hidden.device
+    cosine = similarity == "cosine"
+    has_k_add = key_mask is not None or key_bias is not None
+    q_scale = torch.empty(n, dtype=torch.float32, device=device)
+    k_scale = torch.empty(n, dtype=torch.float32, device=device) if cosine else q_scale
+    k_add = torch.empty(n, dtype=torch.float32, device=device) if has_k_add else q_scale
+    mask_arg = key_mask.contiguous().view(torch.uint8) if key_mask is not None else q_scale
+    bias_arg = key_bias.contiguous() if key_bias is not None else q_scale
+    block_r = 16 if _INTERPRETED else 32
+    _row_terms_kernel[(triton.cdiv(n, block_r),)](
+        hidden, mask_arg, bias_arg, q_scale, k_scale, k_add, n, d, LOG2E / temperature, EPS,
+        COSINE=cosine, HAS_MASK=key_mask is not None, HAS_BIAS=key_bias is not None,
+        BLOCK_R=block_r, BLOCK_D=min(256, triton.next_power_of_2(d)), num_warps=4)
+
+    table, num_items, max_splits = build_schedule(group_offsets, cfg)
+    if num_items == 0:
+        return values, lse
+    table = table.to(device)
+    direct = max_splits == 1
+    if direct:
+        part_m = part_l = part_a = values
+    else:
+        part_m = torch.full((max_splits, n), float("-inf"), dtype=torch.float32, device=device)
+        part_l = torch.zeros((max_splits, n), dtype=torch.float32, device=device)
+        part_a = torch.zeros((max_splits, n), dtype=torch.float32, device=device)
+    _hista_kernel[(num_items,)](
+        hidden, returns, rollout_ids, q_scale, k_scale, k_add,
+        table, table.shape[0], max(1, table.shape[0].bit_length()),
+        values, lse, part_m, part_l, part_a,
+        n, d, float(empty_value),
+        **kernel_constexprs(cfg, hidden.dtype, d, cosine=cosine, has_k_add=has_k_add, direct=direct),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if not direct:
+        block = 256 if _INTERPRETED else 1024
+        _combine_kernel[(triton.cdiv(n, block),)](part_m, part_l, part_a, values, lse, n, max_splits,
+                                                  float(empty_value), BLOCK=block, num_warps=4)
+    return values, lse

@@ -1,0 +1,114 @@
+"""The Triton kernels compile for real GPUs, checked on a machine without one.
+
+The interpreter (tests/triton/) runs the kernels' arithmetic but not Triton's GPU compiler, which
+rejects things the interpreter accepts (types changing across loop iterations, layouts, shared
+memory). Triton compiles ahead of time for a named target with its bundled ptxas, so every kernel
+variant the wrappers can launch is compiled here for Ampere (sm80) and Hopper (sm90); the tuned
+configs must use tensor cores and must not spill registers.
+"""
+
+import os
+import pathlib
+import subprocess
+import tempfile
+from dataclasses import replace
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                                reason="interpreted kernels are not compiled")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+NVIDIA_BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+if not (NVIDIA_BIN / "ptxas").exists():
+    pytest.skip("this triton has no bundled ptxas", allow_module_level=True)
+
+# Shared memory per block (opt-in) of the targets: A100 and H100.
+SMEM = {80: 166912, 90: 232448}
+POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+
+
+def compile_kernel(fn, arch, pointer_types, scalar_types, constexprs, num_warps, num_stages=3, multiples_of_16=()):
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_types.get(name, "*fp32")
+        else:
+            signature[name] = scalar_types.get(name, "i32")
+    # what the launcher specialises on: 16-byte aligned pointers, integer arguments divisible by 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name.endswith("_ptr") or name in multiples_of_16}
+    return triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def spilled_bytes(kernel):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(NVIDIA_BIN / "cuobjdump"), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    line = next(line for line in out.splitlines() if "REG:" in line)
+    return int(line.split("STACK:")[1].split()[0])
+
+
+def compile_hista(arch, dtype, d=4096, rollout="*i32", ones=(), **variant):
+    """`ones`: integer arguments passed as 1, which Triton's launcher turns into constants."""
+    from sveb_kernels.hista import triton as ht
+
+    cfg = ht.config_for(arch // 10, SMEM[arch], dtype)
+    if variant.pop("flatten", False):
+        cfg = replace(cfg, flatten=True)
+    flags = dict(cosine=True, has_k_add=True, direct=False)
+    flags.update(variant)
+    constexprs = ht.kernel_constexprs(cfg, dtype, d, **flags)
+    constexprs.update(dict.fromkeys(ones, 1))
+    kernel = compile_kernel(ht._hista_kernel, arch, dict(hidden_ptr=POINTER[dtype], rollout_ptr=rollout,
+                                                         schedule_ptr="*i64"),
+                            dict(empty_value="fp32"), constexprs, cfg.num_warps, cfg.num_stages,
+                            multiples_of_16=("D",) if d % 16 == 0 else ())
+    return kernel
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_tuned_hista_configs_use_tensor_cores_without_spills(arch, dtype):
+    kernel = compile_hista(arch, dtype)
+    ptx = kernel.asm["ptx"]
+    assert ("wgmma.mma_async" in ptx) if arch == 90 else ("mma.sync" in ptx)
+    assert spilled_bytes(kernel) == 0
+
+
+@pytest.mark.parametrize("variant", [
+    dict(d=1), dict(d=100), dict(d=896), dict(d=8191),  # one chunk; uneven chunks
+    dict(direct=True, has_k_add=False, cosine=False),
+    dict(rollout="*i64"),
+    dict(flatten=True), dict(flatten=True, d=77),
+    dict(d=1, ones=("D", "N", "num_sched_groups", "search_steps")),  # Triton makes arguments equal to 1 constants
+])
+def test_hista_variants_compile(variant):
+    compile_hista(90, torch.bfloat16, **variant)
+
+
+def test_helper_kernels_compile():
+    from sveb_kernels.gae import triton as gt
+    from sveb_kernels.hista import triton as ht
+
+    for arch in (80, 90):
+        for block_d in (1, 256):  # the row kernel's BLOCK_D follows D up to 256
+            compile_kernel(ht._row_terms_kernel, arch, dict(hidden_ptr="*bf16", key_mask_ptr="*u8"),
+                           dict(q_factor="fp32", eps="fp32"),
+                           dict(COSINE=True, HAS_MASK=True, HAS_BIAS=True, BLOCK_R=32, BLOCK_D=block_d), 4)
+        compile_kernel(ht._combine_kernel, arch, {}, dict(empty_value="fp32"), dict(BLOCK=1024), 4)
+        compile_kernel(ht._combine_kernel, arch, {}, dict(empty_value="fp32"), dict(BLOCK=1024, N=1, num_splits=1), 4)
+        compile_kernel(gt._gae_kernel, arch, {}, dict(gamma="fp32", gamma_lam="fp32"), dict(BLOCK_T=16, T=1), 4)
+        for block_t, warps in ((1024, 4), (2048, 8)):
+            kernel = compile_kernel(gt._gae_kernel, arch, dict(rewards_ptr="*bf16", mask_ptr="*u8"),
+                                    dict(gamma="fp32", gamma_lam="fp32"), dict(BLOCK_T=block_t), warps)
+            assert spilled_bytes(kernel) == 0

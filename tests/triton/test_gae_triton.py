@@ -1,0 +1,122 @@
+"""The Triton GAE kernel against the float64 trainer loop (tests/oracles.py), SPEC 3 accuracy bound.
+
+Without a GPU: CPU tensors under TRITON_INTERPRET=1; on a GPU machine the same cases run compiled,
+and the tests marked `gpu` add the real sizes (T = 32k rows, B = 64).
+"""
+
+import math
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: oracles and shared helpers
+
+import sveb_kernels as sk  # noqa: E402
+from oracles import gae_oracle  # noqa: E402
+from test_gae import right_padded_mask  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETED else "cuda"
+pytestmark = pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
+
+
+def check(rewards, values, mask, gamma, lam, block_t=None):
+    """Runs the triton backend on DEVICE and compares with the loop within SPEC's bound."""
+    args = [t.to(DEVICE) for t in (rewards, values, mask)]
+    if block_t is None:
+        adv, ret = sk.gae(*args, gamma, lam, backend="triton")
+    else:
+        from sveb_kernels.gae import triton as gae_triton
+        adv, ret = gae_triton.gae(*args, gamma, lam, block_t=block_t)
+    assert adv.device.type == DEVICE and adv.dtype == ret.dtype == torch.float32
+    assert adv.shape == ret.shape == rewards.shape
+    if rewards.numel() == 0:
+        return
+    want_adv, want_ret = gae_oracle(rewards, values, mask, gamma, lam)
+    bound = 1e-5 * (1 + float(want_adv.abs().max())) * math.log2(rewards.shape[1] + 1)
+    err = (adv.cpu().double() - want_adv).abs().max()
+    assert err <= bound, (err, bound)
+    assert (ret.cpu().double() - want_ret).abs().max() <= bound + 1e-7 * float(want_ret.abs().max())
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.0, 0.5), (0.7, 0.0), (1.0, 0.0)])
+def test_random_masks_match_loop(seed, gamma, lam):
+    batch, length = int(torch.randint(1, 5, ())), int(torch.randint(2, 200, ()))
+    mask = right_padded_mask(batch, length)
+    check(torch.randn(batch, length), torch.randn(batch, length), mask, gamma, lam)
+
+
+@pytest.mark.parametrize("block_t", [16, 64])
+def test_many_chunks_carry_state_across(seed, block_t):
+    """Small chunks: nextv and the advantage must cross many chunk borders, also over masked runs."""
+    batch, length = 3, int(torch.randint(150, 260, ()))
+    mask = right_padded_mask(batch, length)
+    mask[0, 40:140] = False  # a masked run longer than a chunk
+    check(torch.randn(batch, length), torch.randn(batch, length) * 3, mask, 0.97, 0.9, block_t=block_t)
+    check(torch.randn(batch, length), torch.randn(batch, length), mask, 1.0, 1.0, block_t=block_t)
+
+
+def test_outcome_reward_on_last_token(seed):
+    batch, length = 4, 257
+    mask = right_padded_mask(batch, length, holes=False)
+    rewards = torch.zeros(batch, length)
+    rewards[torch.arange(batch), (mask.sum(1) - 1).clamp_min(0)] = torch.randn(batch)
+    check(rewards, torch.randn(batch, length), mask, 1.0, 0.95)
+
+
+def test_long_telescoping_row(seed):
+    """gamma*lam = 1 over thousands of positions (a pure suffix sum) with large values."""
+    length = 3001
+    mask = right_padded_mask(2, length)
+    check(torch.randn(2, length), 100 * torch.randn(2, length), mask, 1.0, 1.0)
+
+
+def test_one_step_all_masked_and_empty(seed):
+    check(torch.randn(4, 1), torch.randn(4, 1), torch.tensor([[True], [False], [True], [False]]), 0.9, 0.9)
+    check(torch.randn(3, 17), torch.randn(3, 17), torch.zeros(3, 17, dtype=torch.bool), 1.0, 1.0)
+    check(torch.zeros(0, 5), torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.bool), 1.0, 1.0)
+    check(torch.zeros(3, 0), torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.bool), 1.0, 1.0)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.int64, torch.uint8])
+def test_numeric_masks_and_low_precision_inputs(seed, mask_dtype):
+    mask = right_padded_mask(3, 45).to(mask_dtype)
+    check(torch.randn(3, 45).bfloat16(), torch.randn(3, 45).half(), mask, 0.95, 0.9)
+    check(torch.randn(3, 45).double(), torch.randn(3, 45).double(), mask, 0.95, 0.9)
+
+
+def test_non_contiguous_inputs_untouched(seed):
+    rewards = torch.randn(40, 6).T
+    values = torch.randn(6, 80)[:, ::2]
+    mask = right_padded_mask(40, 6).T
+    before = (rewards.clone(), values.clone(), mask.clone())
+    check(rewards, values, mask, 0.9, 0.8)
+    assert torch.equal(rewards, before[0]) and torch.equal(values, before[1]) and torch.equal(mask, before[2])
+
+
+def test_opcheck_triton_backend(seed):
+    mask = (torch.rand(3, 23) > 0.3).to(DEVICE)
+    torch.library.opcheck(torch.ops.sveb.gae.default,
+                          [torch.randn(3, 23, device=DEVICE), torch.randn(3, 23, device=DEVICE), mask, 0.9, 0.95,
+                           "triton"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.999, 0.97), (1.0, 0.95)])
+def test_gpu_rows_of_32k(seed, gamma, lam):
+    batch, length = 8, 32768
+    mask = right_padded_mask(batch, length)
+    check(torch.randn(batch, length), torch.randn(batch, length), mask, gamma, lam)
+
+
+@pytest.mark.gpu
+def test_gpu_trainer_batch(seed):
+    batch, length = 64, 8192
+    mask = right_padded_mask(batch, length, holes=False)
+    rewards = torch.zeros(batch, length)
+    rewards[torch.arange(batch), (mask.sum(1) - 1).clamp_min(0)] = torch.randn(batch)
+    check(rewards.bfloat16(), torch.randn(batch, length), mask, 1.0, 0.95)
