@@ -21,6 +21,10 @@ echo "pytest -m gpu rc=$?: $(tail -n 1 "$out/pytest_gpu.log")" | tee -a "$out/su
 python -m pytest -q -p no:cacheprovider tests -x --ignore=tests/test_triton_interpreter.py > "$out/pytest_all.log" 2>&1
 echo "pytest (all, on GPU) rc=$?: $(tail -n 1 "$out/pytest_all.log")" | tee -a "$out/summary.txt"
 
+echo "== compute-sanitizer (memcheck, racecheck)" | tee -a "$out/summary.txt"
+bash bench/cuda_sanitizer.sh "$out/sanitizer" > "$out/sanitizer.log" 2>&1
+echo "sanitizer rc=$?" | tee -a "$out/summary.txt"
+
 echo "== benchmarks" | tee -a "$out/summary.txt"
 sveb-kernels bench --json "$out/bench.json" --csv "$out/sveb_bench.csv" --plot "$out/hista_d4096.png" \
     > "$out/bench.txt" 2>&1

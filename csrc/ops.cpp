@@ -11,6 +11,8 @@
 #include <string>
 
 #include "device_info.h"
+#include "gae.h"
+#include "hista.h"
 
 namespace sveb {
 
@@ -25,6 +27,26 @@ std::string cuda_extension_info() {
 
 TORCH_LIBRARY_FRAGMENT(sveb, m) {
   m.def("_cuda_extension_info() -> str", &sveb::cuda_extension_info);
+  // Same arguments as the public ops (minus `backend`); key_splits is a tuning/testing knob (0 = auto).
+  m.def(
+      "_cuda_hista_values(Tensor hidden, Tensor returns, Tensor rollout_ids, Tensor group_offsets, "
+      "float temperature, str similarity, Tensor? key_mask, Tensor? key_bias, float empty_value, "
+      "int key_splits=0) -> (Tensor, Tensor)");
+  m.def("_cuda_gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(sveb, CUDA, m) {
+  m.impl("_cuda_hista_values", &sveb::hista_values_cuda);
+  m.impl("_cuda_gae", &sveb::gae_cuda);
+}
+
+// Why CPU too: the same host functions check every argument and then reject CPU tensors with a
+// ValueError that says the cuda backend needs CUDA tensors (instead of the dispatcher's generic
+// "could not run ... with arguments from the 'CPU' backend"); it also makes the host-side checks
+// testable on machines without a GPU.
+TORCH_LIBRARY_IMPL(sveb, CPU, m) {
+  m.impl("_cuda_hista_values", &sveb::hista_values_cuda);
+  m.impl("_cuda_gae", &sveb::gae_cuda);
 }
 
 // A plain (pybind-free) module init: `import sveb_kernels._C` only needs to load the library so

@@ -20,6 +20,10 @@ BACKENDS = ("reference", "triton", "cuda")
 
 # For backend="auto" on CUDA tensors: the order to try. Kept per op so that measured results
 # (bench/results/) can reorder one op without touching the others.
+# To be filled from committed bench/results once Triton and CUDA have been timed side by side on a
+# GPU (no such measurement exists yet, so every op uses the default, Triton first), e.g.
+#   _AUTO_ORDER_CUDA = {"gae": ("cuda", "triton", "reference")}  # bench/results/<file>.csv, H100
+# If results differ by GPU generation, key the table by (op, compute capability major) there.
 _AUTO_ORDER_CUDA: dict[str, tuple[str, ...]] = {}
 _DEFAULT_AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
 

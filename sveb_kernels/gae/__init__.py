@@ -14,7 +14,7 @@ masked positions skipped:
 
 Note that a masked position gets the advantage carried from the next valid one (as in that loop);
 multiply by the mask if you want zeros there. Files: `reference.py` (parallel scan in PyTorch),
-`triton.py` (blocked scan kernel for CUDA tensors).
+`triton.py` (blocked scan kernel for CUDA tensors), `cuda.py` (the compiled kernel of csrc/gae.cu).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from . import reference as _reference
 
 _backend.register("gae", "reference", lambda: _reference.gae)
 _backend.register("gae", "triton", lambda: importlib.import_module(".triton", __name__).gae)
+_backend.register("gae", "cuda", lambda: importlib.import_module(".cuda", __name__).gae)
 
 _MASK_DTYPES = (torch.bool,) + _checks.INT_DTYPES + _checks.FLOAT_DTYPES
 

@@ -8,7 +8,8 @@ the logits s(i, j) = sim(h_i, h_j) / temperature + key_bias[j], and
 
 This is attention with Q = K = hidden states, a scalar value and a varlen block mask that drops the
 query's own rollout. Every backend uses O(N*D) memory: no [N, N] buffer is ever built.
-Files: `reference.py` (plain PyTorch, any device), `triton.py` (fused Triton kernels for CUDA tensors).
+Files: `reference.py` (plain PyTorch, any device), `triton.py` (fused Triton kernels for CUDA tensors),
+`cuda.py` (the compiled kernel of csrc/hista.cu, from the optional extension).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class HistaOutput(NamedTuple):
 
 _backend.register("hista_values", "reference", lambda: _reference.hista_values)
 _backend.register("hista_values", "triton", lambda: importlib.import_module(".triton", __name__).hista_values)
+_backend.register("hista_values", "cuda", lambda: importlib.import_module(".cuda", __name__).hista_values)
 
 
 def hista_values(

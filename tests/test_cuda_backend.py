@@ -1,0 +1,428 @@
+"""The cuda backend (compiled extension, csrc/): registration and host-side argument checks on any
+machine where the extension is built; the kernels themselves on a GPU (`pytest -m gpu`), against the
+float64 oracles and against the reference and Triton backends.
+
+The kernels' logic also runs on the CPU in test_cuda_emulation.py; these GPU tests are what checks
+the real thing (PTX fragment layouts, cp.async, the ATen preparation in csrc/*.cu).
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+import sveb_kernels as sk
+from sveb_kernels import _backend, _build_info
+from kernel_checks import check_gae, check_hista, check_hista_against
+from test_hista import make_batch, plain_pytorch_in_dtype, random_groups
+
+# Public op -> the private op of the extension that implements it (numeric_spans and numca_values
+# join this table when their CUDA kernels exist).
+CUDA_OPS = {"hista_values": "sveb::_cuda_hista_values", "gae": "sveb::_cuda_gae"}
+
+_module, _reason = _build_info.load_extension()
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def extension_loaded():
+    """Every test here needs the extension. CI builds it (SVEB_FORCE_CUDA_BUILD=1) and sets
+    SVEB_REQUIRE_CUDA_EXTENSION=1, so that a build that silently did not happen fails, not skips."""
+    if _module is None:
+        if os.environ.get("SVEB_REQUIRE_CUDA_EXTENSION", "0") == "1":
+            pytest.fail(f"SVEB_REQUIRE_CUDA_EXTENSION=1 but the CUDA extension is not available: {_reason}")
+        pytest.skip(f"CUDA extension not available: {_reason}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Without a GPU: registration and host code.
+
+@pytest.mark.parametrize("op", sorted(CUDA_OPS))
+def test_cuda_kernels_are_registered(op):
+    private = CUDA_OPS[op]
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(private, "CUDA"), f"{private} has no CUDA kernel"
+    # the CPU registration exists only to refuse CPU tensors clearly (test below)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(private, "CPU")
+    assert _backend.why_unavailable(op, "cuda", "cuda") is None  # backend="cuda"/"auto" can pick it
+
+
+def test_private_hista_schema_matches_public_op():
+    public = torch.ops.sveb.hista_values.default._schema
+    private = torch.ops.sveb._cuda_hista_values.default._schema
+    public_args = [(a.name, str(a.type)) for a in public.arguments if a.name != "backend"]
+    private_args = [(a.name, str(a.type)) for a in private.arguments if a.name != "key_splits"]
+    assert public_args == private_args
+    public_gae = [(a.name, str(a.type)) for a in torch.ops.sveb.gae.default._schema.arguments if a.name != "backend"]
+    assert public_gae == [(a.name, str(a.type)) for a in torch.ops.sveb._cuda_gae.default._schema.arguments]
+
+
+def hista_args(**changes):
+    n = 5
+    args = dict(hidden=torch.randn(n, 3), returns=torch.randn(n), rollout_ids=torch.tensor([0, 0, 1, 1, 2]),
+                group_offsets=torch.tensor([0, 5]), temperature=0.1, similarity="cosine",
+                key_mask=torch.ones(n, dtype=torch.bool), key_bias=torch.zeros(n), empty_value=0.0, key_splits=0)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("changes,error,match", [
+    (dict(hidden=torch.zeros(5)), ValueError, "hidden must have shape"),
+    (dict(hidden=torch.zeros(5, 3, dtype=torch.int32)), TypeError, "hidden must have dtype"),
+    (dict(hidden=torch.zeros(5, 0)), ValueError, "hidden must have D >= 1"),
+    (dict(returns=torch.zeros(4)), ValueError, "returns must have shape"),
+    (dict(returns=torch.zeros(5, dtype=torch.int64)), TypeError, "returns must have dtype"),
+    (dict(rollout_ids=torch.zeros(5)), TypeError, "rollout_ids must have dtype"),
+    (dict(rollout_ids=torch.zeros(6, dtype=torch.int64)), ValueError, "rollout_ids must have shape"),
+    (dict(group_offsets=torch.tensor([5])), ValueError, "group_offsets"),
+    (dict(group_offsets=torch.tensor([0.0, 5.0])), TypeError, "group_offsets must have dtype"),
+    (dict(key_mask=torch.ones(5)), TypeError, "key_mask must have dtype"),
+    (dict(key_mask=torch.ones(4, dtype=torch.bool)), ValueError, "key_mask must have shape"),
+    (dict(key_bias=torch.zeros(5, dtype=torch.int64)), TypeError, "key_bias must have dtype"),
+    (dict(key_bias=torch.zeros(5, 1)), ValueError, "key_bias must have shape"),
+    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(temperature=math.inf), ValueError, "temperature must be finite"),
+    (dict(similarity="l2"), ValueError, "similarity must be one of"),
+    (dict(key_splits=-1), ValueError, "key_splits"),
+    (dict(key_splits=65), ValueError, "key_splits"),
+    ({}, ValueError, "needs CUDA tensors"),  # every argument valid: the CPU tensors are refused
+    (dict(key_mask=None, key_bias=None, similarity="dot"), ValueError, "needs CUDA tensors"),
+])
+def test_private_hista_op_checks_arguments(changes, error, match):
+    with pytest.raises(error, match=match):
+        torch.ops.sveb._cuda_hista_values(**hista_args(**changes))
+
+
+def gae_args(**changes):
+    args = dict(rewards=torch.randn(2, 7), values=torch.randn(2, 7), mask=torch.ones(2, 7, dtype=torch.bool),
+                gamma=0.99, lam=0.95)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("changes,error,match", [
+    (dict(rewards=torch.zeros(7)), ValueError, "rewards must have shape"),
+    (dict(rewards=torch.zeros(2, 7, dtype=torch.int32)), TypeError, "rewards must have dtype"),
+    (dict(values=torch.zeros(2, 6)), ValueError, "values must have the shape of rewards"),
+    (dict(values=torch.zeros(2, 7, dtype=torch.int64)), TypeError, "values must have dtype"),
+    (dict(mask=torch.ones(2, 6, dtype=torch.bool)), ValueError, "mask must have the shape of rewards"),
+    (dict(mask=torch.ones(2, 7, dtype=torch.complex64)), TypeError, "mask must have dtype"),
+    (dict(gamma=1.5), ValueError, "gamma must be <= 1"),
+    (dict(lam=-0.1), ValueError, "lam must be >= 0"),
+    (dict(gamma=math.nan), ValueError, "gamma must be finite"),
+    ({}, ValueError, "needs CUDA tensors"),
+    (dict(mask=torch.ones(2, 7, dtype=torch.float16)), ValueError, "needs CUDA tensors"),
+])
+def test_private_gae_op_checks_arguments(changes, error, match):
+    with pytest.raises(error, match=match):
+        torch.ops.sveb._cuda_gae(**gae_args(**changes))
+
+
+def test_public_functions_refuse_cuda_backend_on_cpu_tensors():
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        sk.hista_values(**{k: v for k, v in hista_args().items() if k != "key_splits"}, backend="cuda")
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        sk.gae(**gae_args(), backend="cuda")
+
+
+# --------------------------------------------------------------------------------------------------
+# On a GPU: the kernels.
+
+def on_gpu(*tensors):
+    return [t.cuda() if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+def cuda_hista(hidden, returns, rollout_ids, offsets, *, temperature=0.1, similarity="cosine", key_mask=None,
+               key_bias=None, empty_value=0.0, key_splits=0):
+    hidden, returns, rollout_ids, offsets, key_mask, key_bias = on_gpu(hidden, returns, rollout_ids, offsets,
+                                                                       key_mask, key_bias)
+    values, lse = torch.ops.sveb._cuda_hista_values(hidden, returns, rollout_ids, offsets, temperature, similarity,
+                                                     key_mask, key_bias, empty_value, key_splits)
+    torch.cuda.synchronize()
+    return values.cpu(), lse.cpu()
+
+
+def dense_hista_fp64(hidden, returns, rollout_ids, offsets, *, temperature=0.1, similarity="cosine", key_mask=None,
+                     key_bias=None, empty_value=0.0):
+    """The SPEC formula with an [N, N] float64 score matrix on the GPU: an oracle for sizes the loop
+    oracle is too slow for (tests only; the kernels never build [N, N])."""
+    device = "cuda"
+    h = hidden.to(device, torch.float64)
+    n = h.shape[0]
+    offsets = offsets.to(device)
+    group = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=device), offsets.diff(), output_size=n)
+    if similarity == "cosine":
+        h = h / torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min(1e-6)
+    scores = (h @ h.T) / temperature
+    ids = rollout_ids.to(device)
+    usable = (group[:, None] == group[None, :]) & (ids[:, None] != ids[None, :])
+    if key_bias is not None:
+        bias = key_bias.to(device, torch.float64)
+        usable &= torch.isfinite(bias)[None, :]
+        scores = scores + torch.where(torch.isfinite(bias), bias, 0.0)[None, :]
+    if key_mask is not None:
+        usable &= key_mask.to(device)[None, :]
+    scores = scores.masked_fill(~usable, -math.inf)
+    top = scores.amax(dim=1)
+    has_keys = torch.isfinite(top)
+    weights = torch.exp(scores - torch.where(has_keys, top, 0.0)[:, None])
+    total = weights.sum(dim=1)
+    safe = torch.where(has_keys, total, 1.0)
+    values = torch.where(has_keys, (weights @ returns.to(device, torch.float64)) / safe, empty_value)
+    lse = torch.where(has_keys, top + torch.log(safe), -math.inf)
+    return values.cpu(), lse.cpu()
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_hista_matches_loop_oracle(seed, dtype, similarity):
+    groups = random_groups(5, 6, 60) + [[], [9], [1, 1]]
+    d = int(torch.randint(1, 300, ()))  # odd sizes: padded to whole 16-byte vectors on the host
+    hidden, returns, rollout_ids, offsets = make_batch(groups, d, dtype=dtype)
+    temperature = 0.1 if similarity == "cosine" else 2.0 * math.sqrt(d)
+    values, lse = cuda_hista(hidden, returns, rollout_ids, offsets, temperature=temperature, similarity=similarity)
+    check_hista(values, lse, hidden, returns, rollout_ids, offsets, temperature=temperature, similarity=similarity)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_hista_low_precision_within_twice_plain_pytorch_error(seed, dtype, similarity):
+    """SPEC 1 for 16-bit inputs, stated as in test_hista.py."""
+    d = 129
+    hidden, returns, rollout_ids, offsets = make_batch(random_groups(4, 6, 15), d, dtype=dtype)
+    temperature = 0.1 if similarity == "cosine" else float(d)
+    values, lse = cuda_hista(hidden, returns, rollout_ids, offsets, temperature=temperature, similarity=similarity)
+    want, want_lse = dense_hista_fp64(hidden, returns, rollout_ids, offsets, temperature=temperature,
+                                      similarity=similarity)
+    plain = plain_pytorch_in_dtype(hidden.cuda(), returns.cuda(), rollout_ids.cuda(), offsets.cuda(), temperature,
+                                   similarity).cpu()
+    has_keys = torch.isfinite(want_lse)
+    ours = (values.double() - want)[has_keys].abs().max()
+    theirs = (plain.double() - want)[has_keys].abs().max()
+    assert ours <= 2 * theirs + 1e-6, (ours, theirs)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("d", [896, 4096])
+def test_hista_llm_sizes_match_dense_oracle(seed, dtype, d):
+    """LLM hidden sizes, groups of several query and key tiles, every key split count."""
+    groups = [[int(torch.randint(150, 400, ()))for _ in range(4)] for _ in range(3)]
+    hidden, returns, rollout_ids, offsets = make_batch(groups, d, dtype=dtype)
+    want_values, want_lse = dense_hista_fp64(hidden, returns, rollout_ids, offsets)
+    for key_splits in (0, 1, 3, 16):
+        values, lse = cuda_hista(hidden, returns, rollout_ids, offsets, key_splits=key_splits)
+        check_hista_against(values, lse, want_values, want_lse, returns)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("key_splits", [1, 2, 7])
+def test_hista_mask_bias_and_empty_rows(seed, dtype, key_splits):
+    groups = random_groups(5, 5, 70) + [[130]]
+    hidden, returns, rollout_ids, offsets = make_batch(groups, 72, dtype=dtype)
+    n = hidden.shape[0]
+    key_mask = torch.rand(n) > 0.3
+    key_mask[offsets[0]:offsets[1]] = False  # the first group has no keys
+    key_bias = torch.randn(n) * 2
+    key_bias[torch.rand(n) < 0.05] = -math.inf  # -inf bias: not a key either
+    kw = dict(temperature=0.3, empty_value=-2.5)
+    values, lse = cuda_hista(hidden, returns, rollout_ids, offsets, key_mask=key_mask, key_bias=key_bias,
+                             key_splits=key_splits, **kw)
+    finite = torch.isfinite(key_bias)  # the loop oracle is told the same without infinities
+    check_hista(values, lse, hidden, returns, rollout_ids, offsets, key_mask=key_mask & finite,
+                key_bias=torch.where(finite, key_bias, 0.0), **kw)
+    assert (values[offsets[0]:offsets[1]] == -2.5).all() and (lse[offsets[0]:offsets[1]] == -math.inf).all()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_hista_tile_edges_and_rollout_layouts(seed, dtype):
+    """Tiles inside one rollout (skipped key tiles), query tiles spanning dozens of groups, rollouts
+    interleaved inside a group, int64 ids equal in their low 32 bits, N just past a tile."""
+    groups = [[300], [128, 128, 1], [200, 150]] + [[int(torch.randint(1, 4, ()))] * 3 for _ in range(60)]
+    hidden, returns, rollout_ids, offsets = make_batch(groups, 40, dtype=dtype)
+    ids = rollout_ids.to(torch.int64)
+    start, end = int(offsets[3]), int(offsets[8])
+    ids[start:end] = (torch.arange(end - start) % 2) << 32  # two rollouts: ids 0 and 2^32, interleaved
+    values, lse = cuda_hista(hidden, returns, ids, offsets, empty_value=0.5)
+    check_hista(values, lse, hidden, returns, ids, offsets, empty_value=0.5)
+    for n in (127, 128, 129, 257):
+        h, r, i, o = make_batch([[n - n // 3, n // 3]], 24, dtype=dtype)
+        values, lse = cuda_hista(h, r, i, o, key_splits=2)
+        check_hista(values, lse, h, r, i, o)
+
+
+@gpu
+@pytest.mark.parametrize("scale,temperature", [(300.0, 0.05), (3000.0, 0.05), (1.0, 1e-3), (1.0, 1e3)])
+def test_hista_fp32_extremes(seed, scale, temperature):
+    hidden, returns, rollout_ids, offsets = make_batch(random_groups(3, 5, 60), 257, scale=scale)
+    values, lse = cuda_hista(hidden, returns, rollout_ids, offsets, temperature=temperature)
+    check_hista(values, lse, hidden, returns, rollout_ids, offsets, temperature=temperature)
+
+
+@gpu
+def test_hista_layouts_dtypes_and_inputs_untouched(seed):
+    """Hidden states the kernels cannot stream directly (misaligned, non-contiguous, D not a whole
+    number of 16-byte vectors, fp64) get a prepared copy; int32 ids/offsets and fp16 returns work;
+    the inputs are not modified."""
+    hidden, returns, rollout_ids, offsets = make_batch(random_groups(4, 4, 50), 64)
+    n = hidden.shape[0]
+    misaligned = torch.empty(n * 64 + 1, dtype=torch.bfloat16)[1:].view(n, 64)  # contiguous, 2 bytes off
+    misaligned.copy_(hidden)
+    cases = {
+        "misaligned bf16": misaligned,
+        "column-major fp32": hidden.T.contiguous().T,
+        "fp64": hidden.double(),
+        "D = 61 fp16": hidden[:, :61].half(),
+        "strided rows bf16": hidden.to(torch.bfloat16)[:, ::2],
+    }
+    for what, h in cases.items():
+        h_gpu = h.cuda() if what != "misaligned bf16" else torch.empty(n * 64 + 1, dtype=torch.bfloat16,
+                                                                       device="cuda")[1:].view(n, 64).copy_(h)
+        before = h_gpu.clone()
+        values, lse = torch.ops.sveb._cuda_hista_values(h_gpu, returns.half().cuda(), rollout_ids.int().cuda(),
+                                                         offsets.int().cuda(), 0.1, "cosine", None, None, 0.0)
+        assert torch.equal(before, h_gpu), what
+        check_hista(values.cpu(), lse.cpu(), h, returns.half().float(), rollout_ids, offsets)
+
+
+@gpu
+def test_hista_no_tokens_and_no_keys():
+    values, lse = cuda_hista(torch.zeros(0, 8), torch.zeros(0), torch.zeros(0, dtype=torch.int32),
+                             torch.zeros(1, dtype=torch.int64))
+    assert values.shape == lse.shape == (0,)
+    hidden, returns, rollout_ids, offsets = make_batch([[5], [], [200], [1]], 16, dtype=torch.bfloat16)
+    values, lse = cuda_hista(hidden, returns, rollout_ids, offsets, empty_value=0.25)
+    assert (values == 0.25).all() and (lse == -math.inf).all()
+
+
+def backend_available(op, backend):
+    return _backend.why_unavailable(op, backend, "cuda") is None
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("other", ["reference", "triton"])
+def test_hista_agrees_with_other_backends(seed, dtype, other):
+    if not backend_available("hista_values", other):
+        pytest.skip(f"{other} backend unavailable: {_backend.why_unavailable('hista_values', other, 'cuda')}")
+    groups = [[int(torch.randint(50, 300, ())) for _ in range(int(torch.randint(2, 8, ())))] for _ in range(5)]
+    hidden, returns, rollout_ids, offsets = make_batch(groups, 1024, dtype=dtype)
+    args = on_gpu(hidden, returns, rollout_ids, offsets)
+    ours = sk.hista_values(*args, temperature=0.1, backend="cuda")
+    theirs = sk.hista_values(*args, temperature=0.1, backend=other)
+    # each within 1e-4 * max|returns| of the truth (fp32 bound; 16-bit products are exact in fp32)
+    bound = 2e-4 * float(returns.abs().max())
+    assert float((ours.values - theirs.values).abs().max()) <= bound
+    assert torch.equal(torch.isfinite(ours.lse), torch.isfinite(theirs.lse))
+
+
+@gpu
+def test_hista_public_op_compiles_and_passes_opcheck(seed):
+    hidden, returns, rollout_ids, offsets = on_gpu(*make_batch(random_groups(3, 4, 40), 64, dtype=torch.bfloat16))
+    n = hidden.shape[0]
+    key_mask, key_bias = (torch.rand(n) > 0.2).cuda(), torch.randn(n).cuda()
+    torch.library.opcheck(torch.ops.sveb.hista_values.default,
+                          [hidden, returns, rollout_ids, offsets, 0.2, "cosine", key_mask, key_bias, 0.5, "cuda"])
+
+    def f(hidden, returns, rollout_ids, offsets):
+        return sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=0.2, backend="cuda").values * 2
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(hidden, returns, rollout_ids, offsets),
+                               f(hidden, returns, rollout_ids, offsets))
+
+
+def cuda_gae(rewards, values, mask, gamma, lam):
+    adv, ret = torch.ops.sveb._cuda_gae(*on_gpu(rewards, values, mask), gamma, lam)
+    torch.cuda.synchronize()
+    return adv.cpu(), ret.cpu()
+
+
+def random_mask(batch, length):
+    lengths = torch.randint(0, length + 1, (batch,))
+    return (torch.arange(length)[None, :] < lengths[:, None]) & (torch.rand(batch, length) > 0.2)
+
+
+SEGMENT = 2048  # csrc/gae_kernel.cuh: positions per segment
+
+
+@gpu
+@pytest.mark.parametrize("length", [1, 37, SEGMENT - 1, SEGMENT, SEGMENT + 1, 5 * SEGMENT + 3])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.0, 0.5), (0.7, 0.0)])
+def test_gae_matches_loop(seed, length, gamma, lam):
+    batch = int(torch.randint(1, 9, ()))
+    rewards, values, mask = torch.randn(batch, length), torch.randn(batch, length), random_mask(batch, length)
+    mask[0] = False
+    check_gae(*cuda_gae(rewards, values, mask, gamma, lam), rewards, values, mask, gamma, lam)
+
+
+@gpu
+@pytest.mark.parametrize("length", [4096, 32768])
+def test_gae_long_rows(seed, length):
+    mask = random_mask(4, length)
+    rewards, values = torch.randn(4, length), torch.randn(4, length)
+    for gamma, lam in [(1.0, 1.0), (0.999, 0.97)]:
+        check_gae(*cuda_gae(rewards, values, mask, gamma, lam), rewards, values, mask, gamma, lam)
+
+
+@gpu
+def test_gae_carries_across_segments(seed):
+    length = 3 * SEGMENT + 5
+    mask = torch.zeros(2, length, dtype=torch.bool)
+    mask[0, [0, 7, 8, SEGMENT - 1, 3 * SEGMENT + 1]] = True
+    mask[1, [SEGMENT, 2 * SEGMENT - 1, length - 1]] = True
+    rewards, values = torch.randn(2, length), torch.randn(2, length)
+    check_gae(*cuda_gae(rewards, values, mask, 0.9, 0.8), rewards, values, mask, 0.9, 0.8)
+
+
+@gpu
+@pytest.mark.parametrize("rewards_dtype,values_dtype,mask_dtype", [
+    (torch.bfloat16, torch.bfloat16, torch.bool), (torch.float16, torch.float16, torch.uint8),
+    (torch.bfloat16, torch.float16, torch.float32), (torch.float64, torch.float32, torch.int64),
+    (torch.float64, torch.float64, torch.bool)])
+def test_gae_dtypes(seed, rewards_dtype, values_dtype, mask_dtype):
+    rewards, values = torch.randn(3, 300).to(rewards_dtype), torch.randn(3, 300).to(values_dtype)
+    mask = random_mask(3, 300).to(mask_dtype)
+    check_gae(*cuda_gae(rewards, values, mask, 0.95, 0.9), rewards, values, mask, 0.95, 0.9)
+
+
+@gpu
+def test_gae_non_contiguous_and_empty(seed):
+    rewards, values, mask = torch.randn(40, 6).T, torch.randn(6, 80)[:, ::2], random_mask(40, 6).T
+    check_gae(*cuda_gae(rewards, values, mask, 0.9, 0.8), rewards, values, mask, 0.9, 0.8)
+    for shape in [(0, 5), (3, 0)]:
+        adv, ret = cuda_gae(torch.zeros(shape), torch.zeros(shape), torch.zeros(shape, dtype=torch.bool), 1.0, 1.0)
+        assert adv.shape == ret.shape == shape
+
+
+@gpu
+@pytest.mark.parametrize("other", ["reference", "triton"])
+def test_gae_agrees_with_other_backends(seed, other):
+    if not backend_available("gae", other):
+        pytest.skip(f"{other} backend unavailable: {_backend.why_unavailable('gae', other, 'cuda')}")
+    rewards, values, mask = on_gpu(torch.randn(64, 4096), torch.randn(64, 4096), random_mask(64, 4096))
+    ours = sk.gae(rewards, values, mask, 0.99, 0.95, backend="cuda")
+    theirs = sk.gae(rewards, values, mask, 0.99, 0.95, backend=other)
+    bound = 2e-5 * (1 + float(theirs[0].abs().max())) * math.log2(4096 + 1)
+    for a, b in zip(ours, theirs):
+        assert float((a - b).abs().max()) <= bound
+
+
+@gpu
+def test_gae_public_op_compiles_and_passes_opcheck(seed):
+    rewards, values, mask = on_gpu(torch.randn(4, 23), torch.randn(4, 23), torch.rand(4, 23) > 0.3)
+    torch.library.opcheck(torch.ops.sveb.gae.default, [rewards, values, mask, 0.9, 0.95, "cuda"])
+
+    def f(rewards, values, mask):
+        adv, ret = sk.gae(rewards, values, mask, 1.0, 0.95, backend="cuda")
+        return adv * mask, ret
+
+    for a, b in zip(torch.compile(f, fullgraph=True)(rewards, values, mask), f(rewards, values, mask)):
+        torch.testing.assert_close(a, b)

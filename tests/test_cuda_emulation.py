@@ -1,0 +1,204 @@
+"""The CUDA kernels of csrc/ executed on the CPU (tests/cuda_emulation/: one OS thread per CUDA
+thread), against the float64 oracles: tiling, group and rollout masking, key splits, the cp.async
+pipeline and the GAE scans are checked on machines without a GPU.
+
+The emulator runs the kernel source itself (csrc/*_kernel.cuh, compiled by the host C++ compiler);
+what it cannot vouch for (the PTX fragment layouts, timing, the hardware) is left to the GPU tests in
+test_cuda_backend.py. The operand preparation below mirrors the host code in csrc/hista.cu
+(padding D to whole 16-byte vectors, fp32 inverse norms, base-2 logit scale); csrc/gae.cu passes
+its inputs through unchanged.
+"""
+
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from kernel_checks import check_gae, check_hista
+from test_hista import make_batch, random_groups
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EMULATION = ROOT / "tests" / "cuda_emulation"
+LOG2E = 1.4426950408889634
+TILE = 128  # query/key tile of both Hista main loops (csrc/hista_kernel.cuh)
+SEGMENT = 2048  # positions per GAE segment (csrc/gae_kernel.cuh: kThreads * kItems)
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the CUDA emulator")
+    exe = tmp_path_factory.mktemp("cuda_emulation") / "emulate"
+    cmd = [cxx, "-std=c++20", "-O2", "-pthread", "-Wall", "-Wno-unknown-pragmas", f"-I{ROOT / 'csrc'}",
+           f"-I{EMULATION}", str(EMULATION / "emulate.cpp"), "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 and "barrier" in proc.stderr and "No such file" in proc.stderr:
+        pytest.skip(f"{cxx} lacks C++20 <barrier>")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return exe
+
+
+def run_emulator(exe, kernel, directory, params, arrays, outputs):
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        np.ascontiguousarray(array).tofile(directory / f"{name}.bin")
+    (directory / "params.txt").write_text("".join(f"{key} {value!r}\n" for key, value in params.items()))
+    proc = subprocess.run([str(exe), kernel, str(directory)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"emulated {kernel} kernel failed:\n{proc.stderr[-4000:]}"
+    return [torch.from_numpy(np.fromfile(directory / f"{name}.bin", dtype=np.float32)) for name in outputs]
+
+
+def emulated_hista(exe, directory, hidden, returns, rollout_ids, offsets, *, temperature=0.1, similarity="cosine",
+                   key_mask=None, key_bias=None, empty_value=0.0, key_splits=1, late_copies=False):
+    h = hidden if hidden.dtype in (torch.bfloat16, torch.float16) else hidden.to(torch.float32)
+    n, d = h.shape
+    align = 16 // h.element_size()
+    padded = torch.zeros(n, -(-d // align) * align, dtype=h.dtype)
+    padded[:, :d] = h
+    raw = padded.view(torch.int16) if h.element_size() == 2 else padded
+    arrays = {
+        "hidden": raw.numpy(),
+        "returns": returns.to(torch.float32).numpy(),
+        "rollout_ids": rollout_ids.to(torch.int64).numpy(),
+        "group_offsets": offsets.to(torch.int64).numpy(),
+    }
+    if similarity == "cosine":
+        norms = torch.linalg.vector_norm(h, dim=1, dtype=torch.float32)
+        arrays["inv_norm"] = (1.0 / norms.clamp_min(1e-6)).numpy()
+    if key_mask is not None:
+        arrays["key_mask"] = key_mask.to(torch.uint8).numpy()
+    if key_bias is not None:
+        arrays["key_bias"] = key_bias.to(torch.float32).numpy()
+    params = dict(n=n, dim=padded.shape[1], num_groups=offsets.numel() - 1, element_bytes=h.element_size(),
+                  bf16=int(h.dtype == torch.bfloat16), key_splits=key_splits, cosine=int(similarity == "cosine"),
+                  has_mask=int(key_mask is not None), has_bias=int(key_bias is not None),
+                  logit_scale=float(np.float32(float(np.float32(LOG2E)) / temperature)),
+                  empty_value=float(empty_value), late_copies=int(late_copies))
+    return run_emulator(exe, "hista", directory, params, arrays, ["values", "lse"])
+
+
+def groups_spanning_tiles():
+    # 5 groups of up to 5 rollouts: about 2-4 query tiles, tiles cut through groups and rollouts
+    groups = random_groups(5, 5, 30) + [[], [9]]  # plus an empty and a single-rollout group
+    while sum(map(sum, groups)) <= TILE + 5:
+        groups += random_groups(1, 4, 30)
+    return groups
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_hista_kernels_match_oracle(emulator, tmp_path, seed, dtype, similarity):
+    d = int(torch.randint(1, 48, ()))
+    hidden, returns, rollout_ids, offsets = make_batch(groups_spanning_tiles(), d, dtype=dtype)
+    temperature = 0.1 if similarity == "cosine" else 2.0 * math.sqrt(d)
+    values, lse = emulated_hista(emulator, tmp_path, hidden, returns, rollout_ids, offsets, temperature=temperature,
+                                 similarity=similarity)
+    check_hista(values, lse, hidden, returns, rollout_ids, offsets, temperature=temperature, similarity=similarity)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("key_splits,late_copies", [(1, True), (3, False), (4, True)])
+def test_hista_key_splits_and_copy_timing(emulator, tmp_path, seed, dtype, key_splits, late_copies):
+    """Splits share a query tile's key tiles; late copies land only at cp.async.wait_group."""
+    hidden, returns, rollout_ids, offsets = make_batch([[90, 70, 110], [40, 35]], 40, dtype=dtype)
+    values, lse = emulated_hista(emulator, tmp_path, hidden, returns, rollout_ids, offsets, key_splits=key_splits,
+                                 late_copies=late_copies)
+    check_hista(values, lse, hidden, returns, rollout_ids, offsets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_hista_mask_bias_empty_rows(emulator, tmp_path, seed, dtype):
+    groups = random_groups(4, 5, 25) + [[60]]
+    hidden, returns, rollout_ids, offsets = make_batch(groups, 24, dtype=dtype)
+    n = hidden.shape[0]
+    key_mask = torch.rand(n) > 0.3
+    key_mask[offsets[0]:offsets[1]] = False  # the first group has no keys at all
+    key_bias = torch.randn(n) * 2
+    key_bias[torch.rand(n) < 0.05] = -math.inf  # -inf bias: not a key either
+    kw = dict(temperature=0.3, empty_value=-2.5)
+    values, lse = emulated_hista(emulator, tmp_path, hidden, returns, rollout_ids, offsets, key_splits=2,
+                                 key_mask=key_mask, key_bias=key_bias, **kw)
+    # the oracle is told the same thing without infinities (it would give NaN for a row whose keys
+    # all have bias -inf, where the contract says: no keys)
+    finite = torch.isfinite(key_bias)
+    check_hista(values, lse, hidden, returns, rollout_ids, offsets, key_mask=key_mask & finite,
+                key_bias=torch.where(finite, key_bias, 0.0), **kw)
+
+
+def test_hista_one_rollout_tiles_are_skipped_correctly(emulator, tmp_path, seed):
+    """A query tile inside one rollout skips key tiles of that rollout but not the others."""
+    groups = [[300], [200, 150], [1, 1, 1]]  # group 0 alone: empty; tiles within one rollout of group 1
+    hidden, returns, rollout_ids, offsets = make_batch(groups, 16, dtype=torch.bfloat16)
+    values, lse = emulated_hista(emulator, tmp_path, hidden, returns, rollout_ids, offsets, empty_value=0.5)
+    check_hista(values, lse, hidden, returns, rollout_ids, offsets, empty_value=0.5)
+
+
+def test_hista_many_small_groups_and_interleaved_rollouts(emulator, tmp_path, seed):
+    """Query tiles spanning dozens of groups; rollouts interleaved inside a group (only equality matters);
+    int64 ids that agree in their low 32 bits."""
+    groups = [[int(torch.randint(1, 4, ()))] * int(torch.randint(1, 4, ())) for _ in range(90)]
+    hidden, returns, rollout_ids, offsets = make_batch(groups, 9)
+    ids = rollout_ids.to(torch.int64)
+    start, end = int(offsets[3]), int(offsets[4])
+    ids[start:end] = (torch.arange(end - start) % 2) << 32  # 0 and 2^32 alternate: two distinct rollouts
+    values, lse = emulated_hista(emulator, tmp_path, hidden, returns, ids, offsets, key_splits=3, similarity="dot",
+                                 temperature=1.5)
+    check_hista(values, lse, hidden, returns, ids, offsets, similarity="dot", temperature=1.5)
+
+
+@pytest.mark.parametrize("scale,temperature", [(3000.0, 0.05), (1.0, 1e-3)])
+def test_hista_fp32_extremes(emulator, tmp_path, seed, scale, temperature):
+    hidden, returns, rollout_ids, offsets = make_batch(random_groups(3, 4, 40), 33, scale=scale)
+    values, lse = emulated_hista(emulator, tmp_path, hidden, returns, rollout_ids, offsets, temperature=temperature)
+    check_hista(values, lse, hidden, returns, rollout_ids, offsets, temperature=temperature)
+
+
+def emulated_gae(exe, directory, rewards, values, mask, gamma, lam):
+    batch, length = rewards.shape
+    params = dict(batch=batch, length=length, element_bytes=rewards.element_size(), gamma=float(gamma),
+                  lam=float(lam))
+    arrays = {"rewards": rewards.numpy(), "values": values.numpy(), "mask": mask.to(torch.uint8).numpy()}
+    adv, ret = run_emulator(exe, "gae", directory, params, arrays, ["advantages", "returns"])
+    return adv.reshape(batch, length), ret.reshape(batch, length)
+
+
+def random_mask(batch, length):
+    lengths = torch.randint(0, length + 1, (batch,))
+    return (torch.arange(length)[None, :] < lengths[:, None]) & (torch.rand(batch, length) > 0.2)
+
+
+@pytest.mark.parametrize("length", [1, 37, SEGMENT, SEGMENT + 1, 2 * SEGMENT + 77])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_gae_kernel_matches_loop(emulator, tmp_path, seed, length, dtype):
+    gamma, lam = [(1.0, 1.0), (0.99, 0.95), (0.0, 0.5), (0.7, 0.0)][int(torch.randint(0, 4, ()))]
+    rewards, values = torch.randn(3, length, dtype=dtype), torch.randn(3, length, dtype=dtype)
+    mask = random_mask(3, length)
+    mask[0] = False  # a row without valid positions
+    adv, ret = emulated_gae(emulator, tmp_path, rewards, values, mask, gamma, lam)
+    check_gae(adv, ret, rewards, values, mask, gamma, lam)
+
+
+def test_gae_kernel_carries_across_segments(emulator, tmp_path, seed):
+    """Valid positions only on either side of segment and chunk boundaries: the next valid value and the
+    advantage must travel across empty chunks and whole empty segments."""
+    length = 3 * SEGMENT + 5
+    mask = torch.zeros(2, length, dtype=torch.bool)
+    mask[0, [0, 7, 8, SEGMENT - 1, 3 * SEGMENT + 1]] = True
+    mask[1, [SEGMENT, 2 * SEGMENT - 1, length - 1]] = True
+    rewards, values = torch.randn(2, length), torch.randn(2, length)
+    adv, ret = emulated_gae(emulator, tmp_path, rewards, values, mask, 0.9, 0.8)
+    check_gae(adv, ret, rewards, values, mask, 0.9, 0.8)
+
+
+def test_gae_kernel_long_telescoping_row(emulator, tmp_path, seed):
+    length = 32768
+    mask = torch.rand(1, length) > 0.1
+    rewards, values = torch.randn(1, length), torch.randn(1, length)
+    adv, ret = emulated_gae(emulator, tmp_path, rewards, values, mask, 1.0, 1.0)
+    check_gae(adv, ret, rewards, values, mask, 1.0, 1.0)
