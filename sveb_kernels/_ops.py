@@ -51,3 +51,34 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
 @gae.register_fake
 def _gae_fake(rewards, values, mask, gamma, lam, backend):
     return rewards.new_empty(rewards.shape, dtype=torch.float32), rewards.new_empty(rewards.shape, dtype=torch.float32)
+
+
+# Why a custom op: span detection is a data-dependent pipeline (reference) or one scan kernel
+# (Triton) that the compiler must not trace; the fake impl gives the four [B, T] outputs. The vocab
+# enters as its int64 table tensor, never as a Python object.
+@torch.library.custom_op("sveb::numeric_spans", mutates_args=())
+def numeric_spans(token_ids: Tensor, table: Tensor, mask: Optional[Tensor], backend: str
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return implementation("numeric_spans", backend)(token_ids, table, mask)
+
+
+@numeric_spans.register_fake
+def _numeric_spans_fake(token_ids, table, mask, backend):
+    shape = token_ids.shape
+    return (token_ids.new_empty(shape, dtype=torch.bool), token_ids.new_empty(shape, dtype=torch.int64),
+            token_ids.new_empty(shape, dtype=torch.float64), token_ids.new_empty(shape, dtype=torch.int32))
+
+
+# Why a custom op: counting peers that share a milestone sorts and scatters data-dependent sizes
+# (reference) or runs one kernel per row (Triton); to the compiler it is one [B, T] -> [B, T] node.
+@torch.library.custom_op("sveb::numca_values", mutates_args=())
+def numca_values(end: Tensor, key: Tensor, returns: Tensor, group_index: Tensor, mask: Tensor, match: str,
+                 leave_one_out: bool, min_support: int, empty_value: float, backend: str) -> Tensor:
+    return implementation("numca_values", backend)(end, key, returns, group_index, mask, match, leave_one_out,
+                                                   min_support, empty_value)
+
+
+@numca_values.register_fake
+def _numca_values_fake(end, key, returns, group_index, mask, match, leave_one_out, min_support, empty_value,
+                       backend):
+    return mask.new_empty(mask.shape, dtype=torch.float32)

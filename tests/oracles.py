@@ -49,3 +49,115 @@ def gae_oracle(rewards, values, mask, gamma, lam):
         last = cand * m[:, t] + (1 - m[:, t]) * last
         adv[:, t] = last
     return adv, adv + v
+
+
+# ---- Numca ----------------------------------------------------------------------------------------
+import re as _re  # noqa: E402
+
+NUMBER_PATTERN = _re.compile(rb"(?<![0-9A-Za-z_.])-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?(?![0-9])")
+
+
+def canonical_number(text: bytes) -> str:
+    """SPEC 2b's canonical form of one regex match."""
+    s = text.decode("ascii")
+    negative = s.startswith("-")
+    s = s.lstrip("-").replace(",", "")
+    integer, _, fraction = s.partition(".")
+    integer = integer.lstrip("0") or "0"
+    fraction = fraction.rstrip("0")
+    out = integer + ("." + fraction if fraction else "")
+    return "-" + out if negative and out != "0" else out
+
+
+def fnv1a64_key(text: str) -> int:
+    """FNV-1a 64 of the ASCII text as a signed int64; 0 becomes 1."""
+    h = 0xCBF29CE484222325
+    for byte in text.encode("ascii"):
+        h = ((h ^ byte) * 0x100000001B3) % (1 << 64)
+    if h == 0:
+        h = 1
+    return h - (1 << 64) if h >= 1 << 63 else h
+
+
+def numeric_spans_oracle(decode, token_ids, special_ids, mask=None):
+    """SPEC 2b by the regex on the tokenizer's own decoded text.
+
+    decode(list_of_ids) -> str is the tokenizer's decode. Each run of unmasked, non-special tokens is
+    decoded as one piece; masked and special tokens are "\\x00". A match is mapped back to tokens by
+    its ASCII characters: decoding ever longer prefixes of a run tells how many ASCII characters the
+    run has after each token (non-ASCII bytes may differ between a prefix and the whole, ASCII not).
+    Returns (end, key, value, start) lists of lists, like the op's outputs.
+    """
+    ids = token_ids.tolist()
+    keep = [[True] * len(r) for r in ids] if mask is None else mask.bool().tolist()
+    out_end, out_key, out_value, out_start = [], [], [], []
+    for row, row_keep in zip(ids, keep):
+        text = b""
+        ascii_after = []  # ASCII characters in the row's text through token t
+        seen = 0
+        t = 0
+        while t < len(row):
+            if not row_keep[t] or row[t] in special_ids:
+                text += b"\x00"
+                seen += 1
+                ascii_after.append(seen)
+                t += 1
+                continue
+            run_end = t
+            while run_end < len(row) and row_keep[run_end] and row[run_end] not in special_ids:
+                run_end += 1
+            run = row[t:run_end]
+            for k in range(1, len(run) + 1):
+                ascii_after.append(seen + sum(b < 128 for b in decode(run[:k]).encode("utf-8")))
+            piece = decode(run).encode("utf-8")
+            text += piece
+            seen += sum(b < 128 for b in piece)
+            t = run_end
+        ascii_before_byte = [0] * (len(text) + 1)
+        for i, b in enumerate(text):
+            ascii_before_byte[i + 1] = ascii_before_byte[i] + (b < 128)
+
+        def token_of(byte_index):
+            a = ascii_before_byte[byte_index]  # the byte is the (a+1)-th ASCII character
+            return next(k for k, n in enumerate(ascii_after) if n > a)
+
+        end = [False] * len(row)
+        key = [0] * len(row)
+        value = [math.nan] * len(row)
+        start = [-1] * len(row)
+        for m in NUMBER_PATTERN.finditer(text):
+            last = token_of(m.end() - 1)
+            canon = canonical_number(m.group())
+            end[last], key[last], value[last], start[last] = True, fnv1a64_key(canon), float(canon), token_of(m.start())
+        out_end.append(end)
+        out_key.append(key)
+        out_value.append(value)
+        out_start.append(start)
+    return out_end, out_key, out_value, out_start
+
+
+def numca_values_oracle(end, key, returns, group_index, mask, match="last", leave_one_out=True, min_support=1,
+                        empty_value=0.0):
+    """SPEC 2c with loops, in float64: a list of lists of floats."""
+    end, key, mask = end.tolist(), key.tolist(), mask.bool().tolist()
+    returns, group_index = returns.double().tolist(), group_index.tolist()
+    batch = len(end)
+    numbers = [[key[b][t] for t in range(len(end[b])) if end[b][t] and mask[b][t]] for b in range(batch)]
+    out = []
+    for b in range(batch):
+        peers = [p for p in range(batch) if group_index[p] == group_index[b] and not (leave_one_out and p == b)]
+        value = sum(returns[p] for p in peers) / len(peers) if peers else empty_value
+        mine, row = [], []
+        for t in range(len(end[b])):
+            if end[b][t] and mask[b][t]:
+                mine.append(key[b][t])
+                m = len(mine)
+                if match == "last":
+                    support = [p for p in peers if mine[-1] in numbers[p]]
+                else:
+                    support = [p for p in peers if len(numbers[p]) >= m and numbers[p][:m] == mine]
+                if len(support) >= min_support:
+                    value = sum(returns[p] for p in support) / len(support)
+            row.append(value if mask[b][t] else 0.0)
+        out.append(row)
+    return out

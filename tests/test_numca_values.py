@@ -1,0 +1,185 @@
+"""numca_values (SPEC 2c) against a plain-Python loop over the SPEC text (tests/oracles.py)."""
+
+import random
+
+import pytest
+import torch
+
+import sveb_kernels as sk
+from numca_cases import tokenizer_and_vocab
+from oracles import numca_values_oracle
+from sveb_kernels.numca import NumericSpans
+
+
+def random_spans(batch, length, keys=4, density=0.2, end_dtype=torch.bool):
+    """Hand-built spans: numbers at random tokens, keys from a small pool so that rollouts share them."""
+    end = torch.rand(batch, length) < density
+    pool = torch.randint(-(2 ** 63), 2 ** 63 - 1, (keys,), dtype=torch.int64)
+    key = torch.where(end, pool[torch.randint(0, keys, (batch, length))], torch.zeros(batch, length, dtype=torch.int64))
+    return NumericSpans(end.to(end_dtype), key, torch.zeros(batch, length, dtype=torch.float64),
+                        torch.full((batch, length), -1, dtype=torch.int32))
+
+
+def prefix_friendly_spans(batch, length):
+    """Rollouts that write the same first numbers and then diverge: long shared prefixes."""
+    script = torch.randint(0, 3, (length,))
+    end = torch.rand(batch, length) < 0.3
+    key = torch.where(end, script[None, :].expand(batch, length) + 10 * (torch.rand(batch, length) < 0.15),
+                      torch.zeros(batch, length, dtype=torch.int64))
+    return NumericSpans(end, key, None, None)
+
+
+def check(spans, returns, groups, mask, backend="reference", **kw):
+    out = sk.numca_values(spans, returns, groups, mask, backend=backend, **kw)
+    want = torch.tensor(numca_values_oracle(spans.end, spans.key, returns, groups, mask, **kw), dtype=torch.float64)
+    assert out.dtype == torch.float32 and out.shape == mask.shape
+    torch.testing.assert_close(out.double(), want.reshape(out.shape), rtol=1e-6, atol=1e-6)
+    return out
+
+
+@pytest.mark.parametrize("match", ["last", "prefix"])
+@pytest.mark.parametrize("leave_one_out", [True, False])
+@pytest.mark.parametrize("min_support", [1, 2, 3])
+def test_random_spans_match_oracle(seed, match, leave_one_out, min_support):
+    batch, length = int(torch.randint(1, 13, ())), int(torch.randint(1, 40, ()))
+    make = random_spans if match == "last" else prefix_friendly_spans
+    spans = make(batch, length)
+    groups = torch.randint(0, 3, (batch,)) * 7 - 5  # arbitrary ids, some groups of one rollout
+    mask = torch.rand(batch, length) > 0.2
+    check(spans, torch.randn(batch), groups, mask, match=match, leave_one_out=leave_one_out,
+          min_support=min_support, empty_value=-0.75)
+
+
+def test_single_rollout_groups_and_empty_value(seed):
+    spans = random_spans(3, 10)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    out = check(spans, torch.randn(3), torch.tensor([4, 5, 6]), mask, empty_value=2.5)
+    assert (out == 2.5).all()
+    out = check(spans, torch.randn(3), torch.tensor([4, 5, 6]), mask, leave_one_out=False)  # itself only
+
+
+def test_masked_tokens_get_zero_and_their_numbers_do_not_count(seed):
+    spans = random_spans(6, 25, keys=2, density=0.4)
+    mask = torch.rand(6, 25) > 0.5
+    out = check(spans, torch.rand(6) + 1, torch.zeros(6, dtype=torch.int64), mask)
+    assert (out[~mask] == 0).all() and (out[mask] != 0).all()
+
+
+def test_values_hold_between_milestones(seed):
+    """[milestone 7, 9] vs peers: the value changes only at number tokens."""
+    end = torch.tensor([[0, 1, 0, 0, 1, 0], [1, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    key = torch.tensor([[0, 7, 0, 0, 9, 0], [7, 0, 0, 0, 0, 0], [0, 0, 9, 0, 0, 0]])
+    returns = torch.tensor([0.0, 1.0, 3.0])
+    spans = NumericSpans(end, key, None, None)
+    out = check(spans, returns, torch.zeros(3, dtype=torch.int64), torch.ones(3, 6, dtype=torch.bool))
+    assert out[0].tolist() == [2.0, 1.0, 1.0, 1.0, 3.0, 3.0]  # peers' mean, then who wrote 7, then 9
+    prefix = check(spans, returns, torch.zeros(3, dtype=torch.int64), torch.ones(3, 6, dtype=torch.bool),
+                   match="prefix")
+    assert prefix[0].tolist() == [2.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # nobody else wrote 7 then 9: held
+
+
+def test_spans_of_tokenized_rollouts(seed):
+    """numeric_spans -> numca_values on texts where rollouts of a prompt reach the same numbers."""
+    tok, vocab = tokenizer_and_vocab("llama3")
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(8):
+        steps = [rng.choice(["12", "1,200", "12.0"]), rng.choice(["30", "45"]), rng.choice(["7.5", "8"])]
+        texts.append(" then ".join(steps[: rng.randint(1, 3)]) + rng.choice([" done", " so 99"]))
+    rows = [tok.encode(t, add_special_tokens=False).ids for t in texts]
+    length = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (length - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], dtype=torch.bool)
+    spans = sk.numeric_spans(ids, vocab, mask)
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    for match in ("last", "prefix"):
+        check(spans, torch.rand(8), groups, mask, match=match, min_support=2)
+
+
+def test_no_numbers_and_empty_batches():
+    spans = random_spans(4, 5, density=0.0)
+    out = check(spans, torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 0, 1, 1]),
+                torch.ones(4, 5, dtype=torch.bool))
+    assert out[0].tolist() == [2.0] * 5
+    empty = sk.numca_values(random_spans(0, 5), torch.zeros(0), torch.zeros(0, dtype=torch.int64),
+                            torch.zeros(0, 5, dtype=torch.bool))
+    assert empty.shape == (0, 5)
+    assert sk.numca_values(random_spans(2, 0), torch.zeros(2), torch.zeros(2, dtype=torch.int64),
+                           torch.zeros(2, 0, dtype=torch.bool)).shape == (2, 0)
+
+
+def test_numeric_masks_dtypes_and_non_contiguous(seed):
+    spans = random_spans(5, 12, keys=3, density=0.4)
+    returns = torch.randn(5, 2)[:, 1]
+    groups = torch.tensor([1, 1, 2, 2, 2], dtype=torch.int32)
+    mask = (torch.rand(5, 12) > 0.2).float()
+    want = sk.numca_values(spans, returns.contiguous(), groups.long(), mask.bool())
+    before = (returns.clone(), mask.clone())
+    out = sk.numca_values(spans, returns, groups, mask)
+    assert torch.equal(out, want) and torch.equal(returns, before[0]) and torch.equal(mask, before[1])
+    out64 = sk.numca_values(spans, returns.double(), groups, mask.bool())
+    torch.testing.assert_close(out64, want)
+
+
+def test_opcheck(seed):
+    spans = random_spans(6, 20, keys=3, density=0.3)
+    mask = torch.rand(6, 20) > 0.2
+    op = torch.ops.sveb.numca_values.default
+    for match in ("last", "prefix"):
+        torch.library.opcheck(op, (spans.end, spans.key, torch.randn(6), torch.tensor([0, 0, 0, 1, 1, 2]), mask,
+                                   match, True, 1, 0.0, "reference"))
+
+
+def test_compile_fullgraph_inductor(seed):
+    spans = random_spans(6, 20, keys=3, density=0.3)
+    mask = torch.rand(6, 20) > 0.2
+    returns, groups = torch.randn(6), torch.tensor([0, 0, 0, 1, 1, 1])
+    fn = torch.compile(lambda e, k, r, g, m: sk.numca_values(NumericSpans(e, k, None, None), r, g, m, match="prefix",
+                                                             min_support=2) * 2, fullgraph=True)
+    want = sk.numca_values(spans, returns, groups, mask, match="prefix", min_support=2) * 2
+    torch.testing.assert_close(fn(spans.end, spans.key, returns, groups, mask), want)
+
+
+def values_args():
+    spans = random_spans(3, 4)
+    return dict(spans=spans, returns=torch.randn(3), group_index=torch.tensor([0, 0, 1]),
+                mask=torch.ones(3, 4, dtype=torch.bool))
+
+
+BAD = [
+    (dict(spans=(torch.zeros(3, 4, dtype=torch.bool), torch.zeros(3, 4, dtype=torch.int64))), TypeError, "spans"),
+    (dict(spans=NumericSpans(torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.int64), None, None)), TypeError, "end"),
+    (dict(spans=NumericSpans(torch.zeros(3, 4, dtype=torch.bool), torch.zeros(3, 4), None, None)), TypeError, "key"),
+    (dict(spans=NumericSpans(torch.zeros(3, 4, dtype=torch.bool), torch.zeros(3, 5, dtype=torch.int64), None, None)),
+     ValueError, "key"),
+    (dict(returns=torch.randn(4)), ValueError, "returns"),
+    (dict(returns=torch.ones(3, dtype=torch.int64)), TypeError, "returns"),
+    (dict(group_index=torch.tensor([0, 1])), ValueError, "group_index"),
+    (dict(group_index=torch.tensor([0.0, 1.0, 1.0])), TypeError, "group_index"),
+    (dict(mask=torch.ones(3, 5, dtype=torch.bool)), ValueError, "mask"),
+    (dict(match="first"), ValueError, "match"),
+    (dict(match=1), TypeError, "match"),
+    (dict(min_support=0), ValueError, "min_support"),
+    (dict(min_support=1.5), TypeError, "min_support"),
+    (dict(leave_one_out=1), TypeError, "leave_one_out"),
+    (dict(empty_value="none"), TypeError, "empty_value"),
+    (dict(backend="cuda"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("override,exc,word", BAD)
+def test_bad_input(override, exc, word):
+    args = values_args()
+    args.update(override)
+    positional = [args.pop(k) for k in ("spans", "returns", "group_index", "mask")]
+    with pytest.raises(exc, match=word):
+        sk.numca_values(*positional, **args)
+
+
+def test_validate_scans_returns(monkeypatch):
+    args = values_args()
+    args["returns"][1] = float("nan")
+    positional = [args.pop(k) for k in ("spans", "returns", "group_index", "mask")]
+    sk.numca_values(*positional)
+    with pytest.raises(ValueError, match="returns"):
+        sk.numca_values(*positional, validate=True)
