@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .benchmark import add_parser as add_bench_parser
 
     add_bench_parser(commands)
+    from .sveb.cli import add_parser as add_sveb_parser
+
+    add_sveb_parser(commands)
     return parser
 
 

@@ -1,0 +1,145 @@
+"""SVEB metrics against plain-Python formulas, and bootstrap replicates against explicit resamples."""
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+
+from sveb_kernels.sveb import metrics
+
+
+def pearson(x, y):
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return 0.0 if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+
+
+def midranks(x):
+    ranks = [0.0] * len(x)
+    for i, v in enumerate(x):
+        below = sum(1 for w in x if w < v)
+        ties = sum(1 for w in x if w == v)
+        ranks[i] = below + (ties + 1) / 2
+    return ranks
+
+
+def within(x, group):
+    means = {g: sum(v for v, h in zip(x, group) if h == g) / group.count(g) for g in set(group)}
+    return [v - means[g] for v, g in zip(x, group)]
+
+
+def oracle_metrics(est, truth, group):
+    est, truth, group = list(map(float, est)), list(map(float, truth)), list(group)
+    n = len(est)
+    a, b = within(est, group), within(truth, group)
+    sab = sum(p * q for p, q in zip(a, b))
+    saa = sum(p * p for p in a)
+    sbb = sum(q * q for q in b)
+    return {
+        "mse": sum((e - t) ** 2 for e, t in zip(est, truth)) / n,
+        "mae": sum(abs(e - t) for e, t in zip(est, truth)) / n,
+        "pearson": pearson(est, truth),
+        "spearman": pearson(midranks(est), midranks(truth)),
+        "within_pearson": 0.0 if saa < 1e-20 or sbb < 1e-20 else sab / math.sqrt(saa * sbb),
+        "collapse_ratio": math.sqrt(saa / sbb) if sbb > 0 else math.nan,
+    }
+
+
+def random_states(rng, groups=7, with_ties=True):
+    group, est, truth = [], [], []
+    for g in range(groups):
+        for _ in range(rng.randint(1, 9)):
+            group.append(g * 3 + 1)  # arbitrary, non-contiguous labels
+            v = rng.choice([0.0, 0.25, 0.5, 1.0]) if with_ties and rng.random() < 0.5 else rng.random()
+            truth.append(v)
+            est.append(round(v + rng.gauss(0, 0.3), 1 if with_ties else 9))
+    return np.array(est), np.array(truth), np.array(group)
+
+
+def assert_metrics_close(got, want):
+    for name in metrics.METRICS:
+        if math.isnan(want[name]):
+            assert math.isnan(got[name]), name
+        else:
+            assert got[name] == pytest.approx(want[name], abs=1e-10), name
+
+
+@pytest.mark.parametrize("with_ties", [True, False])
+def test_point_metrics_match_oracle(seed, with_ties):
+    est, truth, group = random_states(random.Random(seed), with_ties=with_ties)
+    got = metrics.score(est, truth, group, bootstrap=0)
+    assert set(got) == set(metrics.METRICS)
+    assert_metrics_close(got, oracle_metrics(est, truth, group))
+
+
+def test_bootstrap_replicate_is_the_resampled_dataset(seed):
+    rng = random.Random(seed)
+    est, truth, group = random_states(rng)
+    prepared = metrics._Prepared(est, truth, group)
+    labels = list(prepared.groups)
+    counts = metrics.resample_counts(len(labels), 5, np.random.default_rng(seed))
+    assert (counts.sum(axis=1) == len(labels)).all()
+    replicates = metrics.weighted_metrics(prepared, counts)
+    for r in range(5):
+        # The resample spelled out: each drawn group's states, copied as often as it was drawn, each
+        # copy its own group (a copy is a different prompt that happens to look the same).
+        e, t, g = [], [], []
+        for k, label in enumerate(labels):
+            for copy in range(counts[r, k]):
+                sel = group == label
+                e += est[sel].tolist()
+                t += truth[sel].tolist()
+                g += [(label, copy)] * int(sel.sum())
+        want = oracle_metrics(e, t, [hash(x) for x in g])
+        assert_metrics_close({name: float(replicates[name][r]) for name in metrics.METRICS}, want)
+
+
+def test_intervals_are_seeded_and_bracket_replicates(seed):
+    est, truth, group = random_states(random.Random(seed), groups=12)
+    a = metrics.score(est, truth, group, bootstrap=300, seed=seed)
+    b = metrics.score(est, truth, group, bootstrap=300, seed=seed)
+    c = metrics.score(est, truth, group, bootstrap=300, seed=seed + 1)
+    assert a == b and a != c
+    for name in metrics.METRICS:
+        assert a[f"{name}_lo"] <= a[f"{name}_hi"]
+    # Chunking the replicates does not change them.
+    prepared = metrics._Prepared(est, truth, group)
+    one = metrics.bootstrap_replicates(prepared, 50, seed=seed, chunk=7)
+    two = metrics.bootstrap_replicates(prepared, 50, seed=seed, chunk=50)
+    for name in metrics.METRICS:
+        np.testing.assert_allclose(one[name], two[name], rtol=0, atol=1e-12)
+
+
+def test_constant_per_group_estimator_has_zero_within_metrics(seed):
+    rng = random.Random(seed)
+    est, truth, group = random_states(rng, with_ties=False)
+    per_group = {g: rng.random() / 3 for g in set(group.tolist())}
+    # 1/3-like values whose per-group mean does not round back to the value itself
+    flat = np.array([per_group[g] for g in group.tolist()])
+    got = metrics.score(flat, truth, group, bootstrap=20)
+    assert got["within_pearson"] == 0.0 and got["collapse_ratio"] == 0.0
+    assert got["within_pearson_lo"] == got["within_pearson_hi"] == 0.0
+
+
+def test_truth_without_within_group_spread_gives_undefined_collapse_ratio():
+    group = np.array([0, 0, 1, 1])
+    truth = np.array([0.2, 0.2, 0.7, 0.7])
+    got = metrics.score(np.array([0.1, 0.3, 0.6, 0.9]), truth, group, bootstrap=0)
+    assert math.isnan(got["collapse_ratio"]) and got["within_pearson"] == 0.0
+    from sveb_kernels.sveb.evaluate import _finite_or_none
+
+    assert json.loads(json.dumps(_finite_or_none(got)))["collapse_ratio"] is None
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.score(np.array([0.1, math.nan]), np.array([0.0, 1.0]), np.array([0, 0]))
+    with pytest.raises(ValueError, match="est and truth"):
+        metrics.score(np.array([0.1]), np.array([0.0, 1.0]), np.array([0, 0]))
+    with pytest.raises(ValueError, match="no states"):
+        metrics.score(np.array([]), np.array([]), np.array([]))
