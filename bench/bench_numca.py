@@ -1,19 +1,15 @@
 """pytest-benchmark for Numca: `pytest bench/bench_numca.py --benchmark-only`.
 
-numeric_spans per backend next to the decode + regex + bisect baseline (bench/numca_vs_regex.py,
-which also writes the CSV and checks the issue's goals), on B=64 rows of T=1024 tokens of a
+numeric_spans per backend next to the decode + regex + bisect baseline (sveb_kernels.benchmark.baselines;
+bench/numca_vs_regex.py also writes the CSV and checks the issue's goals), on B=64 rows of T=1024 tokens of a
 locally trained Llama-3-style tokenizer; and numca_values per match mode.
 """
-
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import numca_vs_regex as nb  # noqa: E402
+from sveb_kernels.benchmark.baselines import regex_baseline  # noqa: E402
+from sveb_kernels.benchmark.cases import numca_token_batch  # noqa: E402
 import sveb_kernels as sk  # noqa: E402
 from sveb_kernels.numca import NumericVocab, toy_tokenizers  # noqa: E402
 
@@ -25,7 +21,7 @@ BACKENDS = sk.available_backends(DEVICE)
 def batch():
     tok = toy_tokenizers.build("llama3")
     vocab = NumericVocab.from_tokenizer(tok)
-    ids, mask = nb.make_batch(tok, 64, 1024)
+    ids, mask = numca_token_batch(tok, 64, 1024)
     return tok, vocab, ids, mask
 
 
@@ -35,7 +31,7 @@ def test_numeric_spans(benchmark, batch, impl):
     benchmark.group = "numeric_spans B=64 T=1024"
     if impl == "baseline":
         specials = set(torch.nonzero(vocab.special).flatten().tolist())
-        benchmark.pedantic(nb.regex_baseline, args=(tok, ids, mask, specials), rounds=2, warmup_rounds=0)
+        benchmark.pedantic(regex_baseline, args=(tok, ids, mask, specials), rounds=2, warmup_rounds=0)
         return
     ids, mask, vocab = ids.to(DEVICE), mask.to(DEVICE), vocab.to(DEVICE)
     benchmark.pedantic(lambda: sk.numeric_spans(ids, vocab, mask, backend=impl, validate=False), rounds=10,

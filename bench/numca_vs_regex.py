@@ -20,12 +20,9 @@ end/key/value/start out (30 bytes a token with int64 ids). Rows go to bench/resu
 from __future__ import annotations
 
 import argparse
-import bisect
 import csv
-import itertools
 import os
 import random
-import re
 import statistics
 import sys
 import time
@@ -33,6 +30,8 @@ import time
 import torch
 
 import sveb_kernels as sk
+from sveb_kernels.benchmark.baselines import regex_baseline
+from sveb_kernels.benchmark.cases import numca_token_batch as make_batch
 from sveb_kernels.benchmark.report import environment
 from sveb_kernels.benchmark.timing import time_median
 from sveb_kernels.numca import NumericVocab, toy_tokenizers
@@ -40,64 +39,6 @@ from sveb_kernels.numca import NumericVocab, toy_tokenizers
 DEFAULT_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "numca.csv")
 FIELDS = ["timestamp", "device_name", "torch", "cuda", "triton", "commit", "op", "family", "batch", "seq_len",
           "impl", "median_ms", "speedup_vs_baseline", "gbytes_per_s", "pct_copy_bandwidth", "numbers", "agree", "note"]
-NUMBER = re.compile(r"(?<![0-9A-Za-z_.])-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?(?![0-9])")
-
-
-def reasoning_text(rng: random.Random, sentences: int) -> str:
-    out = []
-    for _ in range(sentences):
-        a, b = rng.randint(1, 500), rng.randint(1, 99)
-        out.append(rng.choice([
-            f"So {a} + {b} = {a + b}.", f"Each box holds {b} apples, so {a} boxes hold {a * b:,} apples.",
-            f"The price is ${a}.{b:02d} per item.", f"Step {rng.randint(1, 9)}: {a} / {b} = {a / b:.2f}",
-            "Therefore the answer is", "Let us compute the total first.", f"{a * b} - {b} = {a * b - b}",
-            "We need to find how many are left.", f"That is {rng.randint(1, 99)}% of the total.",
-        ]))
-    return " ".join(out)
-
-
-def make_batch(tok, batch: int, seq_len: int, seed: int = 0):
-    rng = random.Random(seed)
-    rows = []
-    while len(rows) < batch:
-        ids = tok.encode(reasoning_text(rng, seq_len // 4), add_special_tokens=False).ids
-        rows.append(ids[:seq_len])
-    ids = torch.tensor(rows, dtype=torch.int64)
-    # response masks of different lengths, as in a padded trainer batch
-    lengths = torch.randint(seq_len // 2, seq_len + 1, (batch,), generator=torch.Generator().manual_seed(seed))
-    mask = torch.arange(seq_len)[None, :] < lengths[:, None]
-    return ids, mask
-
-
-def canonical(text: str) -> str:
-    negative = text.startswith("-")
-    text = text.lstrip("-").replace(",", "")
-    integer, _, fraction = text.partition(".")
-    integer, fraction = integer.lstrip("0") or "0", fraction.rstrip("0")
-    out = integer + ("." + fraction if fraction else "")
-    return "-" + out if negative and out != "0" else out
-
-
-def regex_baseline(tok, ids: torch.Tensor, mask: torch.Tensor, specials: set):
-    """What a trainer writes today: decode, regex, map character offsets back to tokens."""
-    batch, seq_len = ids.shape
-    rows, keep = ids.tolist(), mask.tolist()
-    pieces = tok.decode_batch([[t] for row in rows for t in row], skip_special_tokens=False)
-    end = [[False] * seq_len for _ in range(batch)]
-    key = [[0] * seq_len for _ in range(batch)]
-    value = [[float("nan")] * seq_len for _ in range(batch)]
-    start = [[-1] * seq_len for _ in range(batch)]
-    for b in range(batch):
-        row_pieces = [p if k and t not in specials else "\x00"
-                      for p, k, t in zip(pieces[b * seq_len:(b + 1) * seq_len], keep[b], rows[b])]
-        text = "".join(row_pieces)
-        ends = list(itertools.accumulate(map(len, row_pieces)))
-        for m in NUMBER.finditer(text):
-            last = bisect.bisect_right(ends, m.end() - 1)
-            canon = canonical(m.group())
-            end[b][last], key[b][last], value[b][last] = True, hash(canon), float(canon)
-            start[b][last] = bisect.bisect_right(ends, m.start())
-    return end, key, value, start
 
 
 def synthetic_vocab_build(size: int) -> float:

@@ -1,7 +1,7 @@
 """`sveb-kernels bench`: what every op costs with every backend, against what users write without us.
 
 runner.py (the runs and agreement checks), cases.py (synthetic RL batches), baselines.py (naive
-PyTorch Hista, FlexAttention, the per-token GAE loop), timing.py (medians, peaks, ceilings),
+PyTorch Hista, FlexAttention, the per-token GAE loop, decode + regex number detection), timing.py (medians, peaks, ceilings),
 report.py (table / JSON / CSV), plot.py (matplotlib).
 """
 
@@ -20,13 +20,14 @@ def add_parser(commands) -> None:
     p = commands.add_parser("bench", help="time every op x backend against the baselines; table, JSON, CSV, plot")
     p.add_argument("--quick", action="store_true", help="small sizes: within a minute on a 2-core CPU")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--ops", default="hista,gae", help="comma-separated subset of: hista, gae")
+    p.add_argument("--ops", default="hista,gae,numca", help="comma-separated subset of: hista, gae, numca")
     p.add_argument("--sizes", default=None,
                    help="Hista tokens per group, comma-separated (the plot's x axis), e.g. 4096,16384")
     p.add_argument("--hidden", type=int, default=0, help="Hista hidden size D (default 4096 GPU, 512 CPU)")
     p.add_argument("--rollouts", type=int, default=8, help="rollouts per group")
     p.add_argument("--groups", type=int, default=2, help="groups (prompts) per Hista batch")
     p.add_argument("--gae", default="64x4096", help="GAE batch BxT")
+    p.add_argument("--numca", default=None, help="numeric_spans batch BxT (default 256x2048, --quick 32x512)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", metavar="PATH", help="write the results as JSON ('-' for stdout)")
     p.add_argument("--csv", metavar="PATH", default=None,
@@ -45,18 +46,23 @@ def main(args: argparse.Namespace) -> int:
         print("sveb-kernels bench: --device cuda but no CUDA GPU is visible", file=sys.stderr)
         return 2
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
-    unknown = set(ops) - {"hista", "gae"}
+    unknown = set(ops) - {"hista", "gae", "numca"}
     if unknown:
         print(f"sveb-kernels bench: unknown --ops {sorted(unknown)}", file=sys.stderr)
         return 2
     try:
         sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else ()
         batch, length = (int(x) for x in args.gae.lower().split("x"))
+        numca_shape = tuple(int(x) for x in args.numca.lower().split("x")) if args.numca else (0, 0)
+        if len(numca_shape) != 2:
+            raise ValueError
     except ValueError:
-        print("sveb-kernels bench: --sizes takes integers like 4096,16384 and --gae one like 64x4096", file=sys.stderr)
+        print("sveb-kernels bench: --sizes takes integers like 4096,16384, --gae and --numca a shape like 64x4096",
+              file=sys.stderr)
         return 2
     config = Config(device=device, quick=args.quick, ops=ops, hista_tokens=sizes, hidden_size=args.hidden,
-                    rollouts=args.rollouts, groups=args.groups, gae_shape=(batch, length), repeats=args.repeats)
+                    rollouts=args.rollouts, groups=args.groups, gae_shape=(batch, length), numca_shape=numca_shape,
+                    repeats=args.repeats)
     result = run(config)
     env = report.environment(device)
     if args.json == "-":

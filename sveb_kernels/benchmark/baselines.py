@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import re
+
 import torch
 from torch import Tensor
 
@@ -62,3 +66,37 @@ def gae_loop(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: f
         last = cand * m[:, t] + (1 - m[:, t]) * last
         advantages[:, t] = last
     return advantages, advantages + v
+
+
+NUMBER = re.compile(r"(?<![0-9A-Za-z_.])-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?(?![0-9])")
+
+
+def canonical(text: str) -> str:
+    negative = text.startswith("-")
+    text = text.lstrip("-").replace(",", "")
+    integer, _, fraction = text.partition(".")
+    integer, fraction = integer.lstrip("0") or "0", fraction.rstrip("0")
+    out = integer + ("." + fraction if fraction else "")
+    return "-" + out if negative and out != "0" else out
+
+
+def regex_baseline(tok, ids: torch.Tensor, mask: torch.Tensor, specials: set):
+    """What a trainer writes today: decode, regex, map character offsets back to tokens."""
+    batch, seq_len = ids.shape
+    rows, keep = ids.tolist(), mask.tolist()
+    pieces = tok.decode_batch([[t] for row in rows for t in row], skip_special_tokens=False)
+    end = [[False] * seq_len for _ in range(batch)]
+    key = [[0] * seq_len for _ in range(batch)]
+    value = [[float("nan")] * seq_len for _ in range(batch)]
+    start = [[-1] * seq_len for _ in range(batch)]
+    for b in range(batch):
+        row_pieces = [p if k and t not in specials else "\x00"
+                      for p, k, t in zip(pieces[b * seq_len:(b + 1) * seq_len], keep[b], rows[b])]
+        text = "".join(row_pieces)
+        ends = list(itertools.accumulate(map(len, row_pieces)))
+        for m in NUMBER.finditer(text):
+            last = bisect.bisect_right(ends, m.end() - 1)
+            canon = canonical(m.group())
+            end[b][last], key[b][last], value[b][last] = True, hash(canon), float(canon)
+            start[b][last] = bisect.bisect_right(ends, m.start())
+    return end, key, value, start

@@ -3,6 +3,7 @@ LLM-like norms (hundreds) sharing a per-prompt direction, 0/1 outcome rewards.""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -73,3 +74,30 @@ def gae_case(batch: int, length: int, device: torch.device, seed: int = 0) -> GA
     rewards[torch.arange(batch), last] = (torch.rand(batch, generator=gen) < 0.5).float()
     values = torch.rand(batch, length, generator=gen)
     return GAECase(rewards.to(device), values.to(device), mask.to(device), f"B={batch} T={length}")
+
+
+def reasoning_text(rng: random.Random, sentences: int) -> str:
+    out = []
+    for _ in range(sentences):
+        a, b = rng.randint(1, 500), rng.randint(1, 99)
+        out.append(rng.choice([
+            f"So {a} + {b} = {a + b}.", f"Each box holds {b} apples, so {a} boxes hold {a * b:,} apples.",
+            f"The price is ${a}.{b:02d} per item.", f"Step {rng.randint(1, 9)}: {a} / {b} = {a / b:.2f}",
+            "Therefore the answer is", "Let us compute the total first.", f"{a * b} - {b} = {a * b - b}",
+            "We need to find how many are left.", f"That is {rng.randint(1, 99)}% of the total.",
+        ]))
+    return " ".join(out)
+
+
+def numca_token_batch(tok, batch: int, seq_len: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Token ids [B, T] of math-reasoning-like text (numbers in ~13% of tokens) and right-padded masks."""
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < batch:
+        ids = tok.encode(reasoning_text(rng, seq_len // 4), add_special_tokens=False).ids
+        rows.append(ids[:seq_len])
+    ids = torch.tensor(rows, dtype=torch.int64)
+    # response masks of different lengths, as in a padded trainer batch
+    lengths = torch.randint(seq_len // 2, seq_len + 1, (batch,), generator=torch.Generator().manual_seed(seed))
+    mask = torch.arange(seq_len)[None, :] < lengths[:, None]
+    return ids, mask

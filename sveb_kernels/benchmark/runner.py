@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import _backend, gae, hista_values
+from .. import _backend, gae, hista_values, numca_values, numeric_spans
 from . import baselines, cases, timing
 
 
@@ -35,12 +35,13 @@ class Row:
 class Config:
     device: torch.device
     quick: bool = False
-    ops: tuple[str, ...] = ("hista", "gae")
+    ops: tuple[str, ...] = ("hista", "gae", "numca")
     hista_tokens: tuple[int, ...] = ()
     hidden_size: int = 0
     rollouts: int = 8
     groups: int = 2
     gae_shape: tuple[int, int] = (64, 4096)
+    numca_shape: tuple[int, int] = (0, 0)
     repeats: int = 5
     max_seconds: float = 10.0
     progress: bool = True
@@ -54,6 +55,8 @@ class Config:
                 self.hista_tokens = (256, 512, 1024) if self.quick else (512, 1024, 2048, 4096)
         if not self.hidden_size:
             self.hidden_size = 4096 if cuda else (256 if self.quick else 512)
+        if not all(self.numca_shape):
+            self.numca_shape = (32, 512) if self.quick else (256, 2048)
         if self.quick:
             self.repeats = min(self.repeats, 3)
             self.max_seconds = min(self.max_seconds, 3.0)
@@ -169,6 +172,58 @@ def _gae_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row]:
     return rows
 
 
+def _numca_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row]:
+    from ..numca import NumericVocab, toy_tokenizers
+
+    batch, length = config.numca_shape
+    tokenizer = toy_tokenizers.build("llama3")
+    vocab = NumericVocab.from_tokenizer(tokenizer)
+    ids, mask = cases.numca_token_batch(tokenizer, batch, length)
+    specials = set(torch.nonzero(vocab.special).flatten().tolist())
+    label = f"B={batch} T={length} llama3-style"
+    baseline = baselines.regex_baseline(tokenizer, ids, mask, specials)
+    expected = (baseline[0], baseline[3])  # end and start per token (the baseline's key is a Python hash)
+
+    def compare(result, reference):
+        same = result.end.cpu().tolist() == reference[0] and result.start.cpu().tolist() == reference[1]
+        return None, same
+
+    # Bytes the op must move: ids and mask in; end, key, value, start out.
+    moved = ids.numel() * (ids.element_size() + 1 + 1 + 8 + 8 + 4)
+    ids_d, mask_d, vocab_d = ids.to(config.device), mask.to(config.device), vocab.to(config.device)
+    variants = [("decode+regex", lambda: baselines.regex_baseline(tokenizer, ids, mask, specials))]
+    for backend in _backend.available_backends(config.device)["numeric_spans"]:
+        variants.append((backend, lambda b=backend: numeric_spans(ids_d, vocab_d, mask_d, backend=b)))
+    rows, baseline_ms = [], None
+    for impl, fn in variants:
+        progress.step(f"numeric_spans {impl}")
+        row = Row("numeric_spans", label, impl)
+        _run_variant(row, fn, config, None if impl == "decode+regex" else expected, compare, baseline_ms)
+        if impl == "decode+regex":
+            baseline_ms, row.note = row.median_ms, "what trainers do today"
+        elif row.median_ms:
+            row.rate, row.rate_unit = moved / (row.median_ms / 1e3) / 1e9, "GB/s"
+            row.pct_of_ceiling = 100 * row.rate * 1e9 / ceilings["copy_bytes_per_s"]
+        rows.append(row)
+
+    spans = numeric_spans(ids_d, vocab_d, mask_d, backend="reference")
+    returns = torch.rand(batch, generator=torch.Generator().manual_seed(0)).to(config.device)
+    group_index = torch.arange(batch, device=config.device) // 16
+    reference = numca_values(spans, returns, group_index, mask_d, backend="reference")
+
+    def compare_values(result, expected_values):
+        diff = float((result - expected_values).abs().max()) if result.numel() else 0.0
+        return diff, diff <= 1e-5 * (1 + float(expected_values.abs().max()))
+
+    for backend in _backend.available_backends(config.device)["numca_values"]:
+        progress.step(f"numca_values {backend}")
+        row = Row("numca_values", f"{label}, groups of 16", backend, note="match=last")
+        _run_variant(row, lambda b=backend: numca_values(spans, returns, group_index, mask_d, backend=b), config,
+                     reference, compare_values, None)
+        rows.append(row)
+    return rows
+
+
 def run(config: Config) -> Report:
     device = config.device
     matmul_rate, matmul_what = timing.matmul_flops_per_s(device, config.quick)
@@ -181,7 +236,8 @@ def run(config: Config) -> Report:
     backends = _backend.available_backends(device)
     flex = device.type == "cuda" and config.hidden_size <= 256
     counts = {"hista": len(config.hista_tokens) * (1 + flex + len(backends["hista_values"])),
-              "gae": 1 + len(backends["gae"])}
+              "gae": 1 + len(backends["gae"]),
+              "numca": 1 + len(backends["numeric_spans"]) + len(backends["numca_values"])}
     progress = _Progress(sum(counts.get(op, 0) for op in config.ops), config.progress)
     report = Report(config={k: (str(v) if isinstance(v, torch.device) else v) for k, v in asdict(config).items()},
                     ceilings=ceilings)
@@ -190,6 +246,8 @@ def run(config: Config) -> Report:
             report.rows += _hista_rows(config, dtype, ceilings, progress)
         if "gae" in config.ops:
             report.rows += _gae_rows(config, ceilings, progress)
+        if "numca" in config.ops:
+            report.rows += _numca_rows(config, ceilings, progress)
     finally:
         progress.close()
     return report
