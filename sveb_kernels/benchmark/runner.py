@@ -109,6 +109,33 @@ def _run_variant(row: Row, fn: Callable[[], object], config: Config, reference, 
     return result
 
 
+@dataclass
+class _Work:
+    """What one call must do, to turn a time into a rate and a share of the measured ceiling."""
+
+    amount: float  # flops or bytes
+    unit: str  # "TFLOP/s" or "GB/s"
+    scale: float  # 1e12 or 1e9
+    ceiling_per_s: float
+
+
+def _measure_variants(op: str, label: str, variants, config: Config, progress: _Progress, expected, compare,
+                      work: Optional[_Work] = None, **row_fields) -> list[Row]:
+    """Runs (impl, fn, checked) in order; the first is the baseline the others' speedups are against."""
+    rows, baseline_ms = [], None
+    for index, (impl, fn, checked) in enumerate(variants):
+        progress.step(f"{op} {impl} {label}")
+        row = Row(op, label, impl, **row_fields)
+        _run_variant(row, fn, config, expected if checked else None, compare, baseline_ms)
+        if index == 0:
+            baseline_ms = row.median_ms
+        if row.median_ms and work is not None:
+            row.rate, row.rate_unit = work.amount / (row.median_ms / 1e3) / work.scale, work.unit
+            row.pct_of_ceiling = 100 * row.rate * work.scale / work.ceiling_per_s
+        rows.append(row)
+    return rows
+
+
 def _hista_rows(config: Config, dtype: torch.dtype, ceilings: dict, progress: _Progress) -> list[Row]:
     rows = []
     temperature, similarity = 0.1, "cosine"
@@ -123,23 +150,16 @@ def _hista_rows(config: Config, dtype: torch.dtype, ceilings: dict, progress: _P
             return diff, diff <= tol
 
         reference = hista_values(*args, temperature=temperature, similarity=similarity, backend="reference").values
-        variants = [("naive PyTorch", lambda: baselines.naive_hista(*args, temperature, similarity))]
+        variants = [("naive PyTorch", lambda: baselines.naive_hista(*args, temperature, similarity), True)]
         if config.device.type == "cuda" and config.hidden_size <= 256:
-            variants.append(("FlexAttention", lambda: baselines.flex_attention_hista(*args, temperature, similarity)))
+            variants.append(("FlexAttention", lambda: baselines.flex_attention_hista(*args, temperature, similarity),
+                             True))
         for backend in _backend.available_backends(config.device)["hista_values"]:
             variants.append((backend, lambda b=backend: hista_values(*args, temperature=temperature,
-                                                                      similarity=similarity, backend=b)))
-        baseline_ms = None
-        for impl, fn in variants:
-            progress.step(f"hista {impl} {tokens} tok/group")
-            row = Row("hista_values", case.label, impl, tokens_per_group=tokens)
-            _run_variant(row, fn, config, reference, compare, baseline_ms)
-            if impl == "naive PyTorch":
-                baseline_ms = row.median_ms
-            if row.median_ms:
-                row.rate, row.rate_unit = case.flops / (row.median_ms / 1e3) / 1e12, "TFLOP/s"
-                row.pct_of_ceiling = 100 * row.rate * 1e12 / ceilings["matmul_flops_per_s"]
-            rows.append(row)
+                                                                      similarity=similarity, backend=b), True))
+        work = _Work(case.flops, "TFLOP/s", 1e12, ceilings["matmul_flops_per_s"])
+        rows += _measure_variants("hista_values", case.label, variants, config, progress, reference, compare, work,
+                                  tokens_per_group=tokens)
     return rows
 
 
@@ -148,28 +168,17 @@ def _gae_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row]:
     case = cases.gae_case(batch, length, config.device)
     args = (case.rewards, case.values, case.mask, 1.0, 0.95)
     reference = gae(*args, backend="reference")[0]
-    scale = 1 + float(reference.abs().max())
-    bound = 1e-5 * scale * math.log2(length + 1)
+    bound = 1e-5 * (1 + float(reference.abs().max())) * math.log2(length + 1)
 
     def compare(result, expected):
         diff = float((result[0] - expected).abs().max())
         return diff, diff <= bound
 
-    variants = [("per-token loop", lambda: baselines.gae_loop(*args))]
+    variants = [("per-token loop", lambda: baselines.gae_loop(*args), True)]
     for backend in _backend.available_backends(config.device)["gae"]:
-        variants.append((backend, lambda b=backend: gae(*args, backend=b)))
-    rows, baseline_ms = [], None
-    for impl, fn in variants:
-        progress.step(f"gae {impl}")
-        row = Row("gae", case.label, impl)
-        _run_variant(row, fn, config, reference, compare, baseline_ms)
-        if impl == "per-token loop":
-            baseline_ms = row.median_ms
-        if row.median_ms:
-            row.rate, row.rate_unit = case.bytes_moved / (row.median_ms / 1e3) / 1e9, "GB/s"
-            row.pct_of_ceiling = 100 * row.rate * 1e9 / ceilings["copy_bytes_per_s"]
-        rows.append(row)
-    return rows
+        variants.append((backend, lambda b=backend: gae(*args, backend=b), True))
+    work = _Work(case.bytes_moved, "GB/s", 1e9, ceilings["copy_bytes_per_s"])
+    return _measure_variants("gae", case.label, variants, config, progress, reference, compare, work)
 
 
 def _numca_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row]:
@@ -188,23 +197,14 @@ def _numca_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row
         same = result.end.cpu().tolist() == reference[0] and result.start.cpu().tolist() == reference[1]
         return None, same
 
-    # Bytes the op must move: ids and mask in; end, key, value, start out.
-    moved = ids.numel() * (ids.element_size() + 1 + 1 + 8 + 8 + 4)
     ids_d, mask_d, vocab_d = ids.to(config.device), mask.to(config.device), vocab.to(config.device)
-    variants = [("decode+regex", lambda: baselines.regex_baseline(tokenizer, ids, mask, specials))]
+    variants = [("decode+regex", lambda: baselines.regex_baseline(tokenizer, ids, mask, specials), False)]
     for backend in _backend.available_backends(config.device)["numeric_spans"]:
-        variants.append((backend, lambda b=backend: numeric_spans(ids_d, vocab_d, mask_d, backend=b)))
-    rows, baseline_ms = [], None
-    for impl, fn in variants:
-        progress.step(f"numeric_spans {impl}")
-        row = Row("numeric_spans", label, impl)
-        _run_variant(row, fn, config, None if impl == "decode+regex" else expected, compare, baseline_ms)
-        if impl == "decode+regex":
-            baseline_ms, row.note = row.median_ms, "what trainers do today"
-        elif row.median_ms:
-            row.rate, row.rate_unit = moved / (row.median_ms / 1e3) / 1e9, "GB/s"
-            row.pct_of_ceiling = 100 * row.rate * 1e9 / ceilings["copy_bytes_per_s"]
-        rows.append(row)
+        variants.append((backend, lambda b=backend: numeric_spans(ids_d, vocab_d, mask_d, backend=b), True))
+    # Bytes the op must move: ids and mask in; end, key, value, start out.
+    work = _Work(ids.numel() * (ids.element_size() + 1 + 1 + 8 + 8 + 4), "GB/s", 1e9, ceilings["copy_bytes_per_s"])
+    rows = _measure_variants("numeric_spans", label, variants, config, progress, expected, compare, work)
+    rows[0].note = "what trainers do today"
 
     spans = numeric_spans(ids_d, vocab_d, mask_d, backend="reference")
     returns = torch.rand(batch, generator=torch.Generator().manual_seed(0)).to(config.device)
@@ -215,12 +215,10 @@ def _numca_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row
         diff = float((result - expected_values).abs().max()) if result.numel() else 0.0
         return diff, diff <= 1e-5 * (1 + float(expected_values.abs().max()))
 
-    for backend in _backend.available_backends(config.device)["numca_values"]:
-        progress.step(f"numca_values {backend}")
-        row = Row("numca_values", f"{label}, groups of 16", backend, note="match=last")
-        _run_variant(row, lambda b=backend: numca_values(spans, returns, group_index, mask_d, backend=b), config,
-                     reference, compare_values, None)
-        rows.append(row)
+    variants = [(backend, lambda b=backend: numca_values(spans, returns, group_index, mask_d, backend=b), True)
+                for backend in _backend.available_backends(config.device)["numca_values"]]
+    rows += _measure_variants("numca_values", f"{label}, groups of 16", variants, config, progress, reference,
+                              compare_values, note="match=last")
     return rows
 
 
