@@ -29,6 +29,9 @@ def add_parser(commands) -> None:
     p.add_argument("--gae", default="64x4096", help="GAE batch BxT")
     p.add_argument("--numca", default=None, help="numeric_spans batch BxT (default 256x2048, --quick 32x512)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's). On a busy machine multi-threaded ops wait for "
+                        "descheduled threads and swing by 10x; --threads 1 gives stable CPU numbers")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON ('-' for stdout)")
     p.add_argument("--csv", metavar="PATH", default=None,
                    help=f"append rows to this CSV (default {DEFAULT_CSV} when that folder exists)")
@@ -45,6 +48,8 @@ def main(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("sveb-kernels bench: --device cuda but no CUDA GPU is visible", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
     unknown = set(ops) - {"hista", "gae", "numca"}
     if unknown:
