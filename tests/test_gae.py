@@ -110,3 +110,14 @@ def test_masked_whiten(seed):
 def test_masked_whiten_needs_two_elements():
     with pytest.raises(ValueError, match="mask"):
         sk.masked_whiten(torch.randn(2, 3), torch.tensor([[True, False, False], [False, False, False]]))
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_large_values_small_advantages(seed, offset):
+    """|values| >> |advantages|: each step's delta must not round at ulp(|v|) (errors would add up)."""
+    batch, length = 3, 4096
+    values = offset + torch.randn(batch, length)
+    rewards = torch.randn(batch, length) * 0.01
+    mask = right_padded_mask(batch, length)
+    check(rewards, values, mask, 1.0, 1.0)
+    check(rewards, values, mask, 0.99, 0.95)

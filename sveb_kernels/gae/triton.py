@@ -36,7 +36,7 @@ def _then(a_first, b_first, a_next, b_next):
 
 
 @triton.jit
-def _gae_kernel(rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr, T, gamma, gamma_lam,
+def _gae_kernel(rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr, T, gamma_hi, gamma_lo, gamma_lam,
                 BLOCK_T: tl.constexpr):
     row_start = tl.program_id(0).to(tl.int64) * T
     r_row, v_row, m_row = rewards_ptr + row_start, values_ptr + row_start, mask_ptr + row_start
@@ -47,8 +47,8 @@ def _gae_kernel(rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr, T, gamma, g
     for c in range(0, tl.cdiv(T, BLOCK_T)):
         t = (T - 1 - c * BLOCK_T) - back  # positions of this chunk, latest first
         inside = t >= 0
-        r = tl.load(r_row + t, mask=inside, other=0.0).to(tl.float32)
-        v = tl.load(v_row + t, mask=inside, other=0.0).to(tl.float32)
+        r = tl.load(r_row + t, mask=inside, other=0.0).to(tl.float64)
+        v = tl.load(v_row + t, mask=inside, other=0.0).to(tl.float64)
         m = tl.load(m_row + t, mask=inside, other=0) != 0
         after = inside & (t + 1 < T)
         v_after = tl.load(v_row + t + 1, mask=after, other=0.0).to(tl.float32)
@@ -56,11 +56,15 @@ def _gae_kernel(rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr, T, gamma, g
 
         a_nv, b_nv = tl.associative_scan((tl.where(m_after, 0.0, 1.0), tl.where(m_after, v_after, 0.0)), 0, _then)
         nextv = a_nv * next_value + b_nv
-        delta = r + gamma * nextv - v
+        # float64 delta: with |v| >> |adv| a float32 one rounds at ulp(|v|) every step and the
+        # errors add up along the row; gamma arrives as two float32 halves for the same reason.
+        one = tl.full((), 1.0, tl.float64)  # promotes the float32 scalars (and Python floats under the interpreter)
+        gamma = gamma_hi * one + gamma_lo * one
+        delta = ((r - v) + gamma * nextv.to(tl.float64)).to(tl.float32)
         a_adv, b_adv = tl.associative_scan((tl.where(m, gamma_lam, 1.0), tl.where(m, delta, 0.0)), 0, _then)
         adv = a_adv * carry + b_adv
         tl.store(adv_ptr + row_start + t, adv, mask=inside)
-        tl.store(ret_ptr + row_start + t, adv + v, mask=inside)
+        tl.store(ret_ptr + row_start + t, (adv.to(tl.float64) + v).to(tl.float32), mask=inside)
         # The chunk's earliest position feeds the next (earlier) chunk.
         next_value = tl.sum(tl.where(is_last, nextv, 0.0), axis=0)
         carry = tl.sum(tl.where(is_last, adv, 0.0), axis=0)
@@ -82,8 +86,9 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
         # The interpreter scans element by element, padding included: short chunks waste less there.
         block_t = min(triton.next_power_of_2(length), 512 if _INTERPRETED else 2048)
     num_warps = 4 if block_t <= 1024 else 8
+    gamma_hi = float(torch.tensor(gamma, dtype=torch.float32))  # gamma = gamma_hi + (gamma - gamma_hi)
     # Triton launches on the current CUDA device: make it the tensors' one.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _gae_kernel[(batch,)](rewards, values, mask, advantages, returns, length, float(gamma), float(gamma * lam),
+        _gae_kernel[(batch,)](rewards, values, mask, advantages, returns, length, gamma_hi, gamma - gamma_hi, float(gamma * lam),
                               BLOCK_T=block_t, num_warps=num_warps)
     return advantages, returns

@@ -120,3 +120,18 @@ def test_gpu_trainer_batch(seed):
     rewards = torch.zeros(batch, length)
     rewards[torch.arange(batch), (mask.sum(1) - 1).clamp_min(0)] = torch.randn(batch)
     check(rewards.bfloat16(), torch.randn(batch, length), mask, 1.0, 0.95)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_large_values_small_advantages(seed, offset):
+    """|values| >> |advantages|: each step's delta must not round at ulp(|v|) (errors would add up)."""
+    batch, length = 2, 700
+    values = offset + torch.randn(batch, length)
+    rewards = torch.randn(batch, length) * 0.01
+    mask = torch.rand(batch, length) > 0.2
+    for gamma, lam in ((1.0, 1.0), (0.99, 0.95)):
+        adv, ret = sk.gae(rewards, values, mask, gamma, lam, backend="triton")
+        want_adv, want_ret = gae_oracle(rewards, values, mask, gamma, lam)
+        bound = 1e-5 * (1 + float(want_adv.abs().max())) * math.log2(length + 1)
+        assert (adv.double() - want_adv).abs().max() <= bound
+        assert (ret.double() - want_ret).abs().max() <= bound + 1e-7 * float(want_ret.abs().max())
