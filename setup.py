@@ -78,6 +78,12 @@ def pip_cuda_include_dirs() -> list[str]:
     return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
 
 
+def nvcc_release(cuda_home: str) -> str:
+    out = os.popen(f'"{os.path.join(cuda_home, "bin", "nvcc")}" --version').read()
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else "unknown"
+
+
 def cuda_extension_plan():
     """Returns (build: bool, reason: str, cuda_home: str | None)."""
     if _flag("SVEB_SKIP_CUDA_BUILD"):
@@ -94,6 +100,11 @@ def cuda_extension_plan():
         problems.append("no CUDA toolkit (nvcc) found; set CUDA_HOME")
     if torch_cuda is None:
         problems.append("torch is missing or is a CPU-only build")
+    if cuda_home is not None and torch_cuda is not None:
+        nvcc = nvcc_release(cuda_home)
+        # torch refuses to compile when the toolkit's major version differs from its own CUDA's.
+        if nvcc.split(".")[0] != torch_cuda.split(".")[0]:
+            problems.append(f"nvcc {nvcc} in {cuda_home} does not match torch's CUDA {torch_cuda}")
     if problems and force:
         raise RuntimeError("SVEB_FORCE_CUDA_BUILD=1 but " + "; ".join(problems))
     if problems:
@@ -117,12 +128,10 @@ def build_kwargs() -> dict:
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-    nvcc_version = os.popen(f'"{os.path.join(cuda_home, "bin", "nvcc")}" --version').read()
-    match = re.search(r"release (\d+\.\d+)", nvcc_version)
     info = {
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "nvcc": match.group(1) if match else "unknown",
+        "nvcc": nvcc_release(cuda_home),
         "cuda_home": cuda_home,
         "archs": archs,
         "python": sys.version.split()[0],
@@ -143,9 +152,27 @@ def build_kwargs() -> dict:
         # Python's limited API is not enough for torch extensions; we need the full one.
         py_limited_api=False,
     )
+    base = BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    force = _flag("SVEB_FORCE_CUDA_BUILD")
+
+    class OptionalBuildExtension(base):
+        """The extension is optional: unless SVEB_FORCE_CUDA_BUILD=1, a failed compile installs the
+        package without it (the other backends serve) instead of failing the whole install."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as e:  # compiler errors surface as several exception types
+                if force:
+                    raise
+                print(f"sveb_kernels: WARNING: the CUDA extension failed to build ({e}); installing without it. "
+                      "Set SVEB_FORCE_CUDA_BUILD=1 to see the failure as an error.", file=sys.stderr)
+                if os.path.exists(BUILD_INFO):
+                    os.remove(BUILD_INFO)
+
     return {
         "ext_modules": [ext],
-        "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+        "cmdclass": {"build_ext": OptionalBuildExtension},
         "package_data": {"sveb_kernels": ["_C_build.json"]},
     }
 

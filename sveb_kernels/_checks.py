@@ -4,6 +4,7 @@ ValueError/TypeError naming the argument, and the opt-in full-tensor scans (vali
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Iterable, Optional
 
@@ -38,7 +39,8 @@ def tensor(name: str, x, *, ndim: Optional[int] = None, dtypes=None, shape=None,
 
 def finite_float(name: str, x, *, low: Optional[float] = None, high: Optional[float] = None,
                  low_open: bool = False) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    # numbers.Real: trainers pass numpy scalars (np.float32 from configs) as often as Python floats.
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(x).__name__}")
     x = float(x)
     if not math.isfinite(x):
@@ -48,6 +50,13 @@ def finite_float(name: str, x, *, low: Optional[float] = None, high: Optional[fl
     if high is not None and x > high:
         raise ValueError(f"{name} must be <= {high}, got {x}")
     return x
+
+
+def real(name: str, x) -> float:
+    """Any real scalar (NaN and infinities allowed), as a Python float."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+    return float(x)
 
 
 def choice(name: str, x, options: tuple[str, ...]) -> str:

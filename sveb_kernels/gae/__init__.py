@@ -56,7 +56,7 @@ def gae(
         validate: also check that rewards/values are finite and the mask is 0/1 (default: SVEB_VALIDATE=1).
 
     Returns:
-        (advantages [B, T] float32, returns [B, T] float32), returns = advantages + values.
+        (advantages [B, T] float32, returns [B, T] float32), returns = advantages + values; no gradient.
     """
     _checks.tensor("rewards", rewards, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     shape, device = tuple(rewards.shape), rewards.device
@@ -70,7 +70,8 @@ def gae(
         if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("mask must hold only 0 and 1")
     backend = _backend.resolve("gae", backend, device)
-    return _ops.gae(rewards, values, mask, gamma, lam, backend)
+    # Detached: advantages and value targets are constants of the policy loss; the op has no gradient.
+    return _ops.gae(rewards.detach(), values.detach(), mask, gamma, lam, backend)
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:

@@ -69,7 +69,7 @@ def hista_values(
         validate: also scan the tensors for NaN/inf (default: SVEB_VALIDATE=1).
 
     Returns:
-        HistaOutput(values [N] float32, lse [N] float32). Gradients are not defined (values are targets).
+        HistaOutput(values [N] float32, lse [N] float32), carrying no gradient (values are targets).
     """
     _checks.tensor("hidden", hidden, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     n, d = hidden.shape
@@ -80,21 +80,26 @@ def hista_values(
     _checks.tensor("rollout_ids", rollout_ids, dtypes=(torch.int32, torch.int64), shape=(n,), device=device)
     _checks.group_offsets("group_offsets", group_offsets, n, device)
     temperature = _checks.finite_float("temperature", temperature, low=0.0, low_open=True)
+    if 1.0 / temperature > torch.finfo(torch.float32).max:
+        raise ValueError(f"temperature must be at least {1 / torch.finfo(torch.float32).max:.3g} (1/temperature is "
+                         f"applied in float32), got {temperature}")
     _checks.choice("similarity", similarity, SIMILARITIES)
     if key_mask is not None:
         _checks.tensor("key_mask", key_mask, dtypes=(torch.bool,), shape=(n,), device=device)
     if key_bias is not None:
         _checks.tensor("key_bias", key_bias, dtypes=_checks.FLOAT_DTYPES, shape=(n,), device=device)
-    if isinstance(empty_value, bool) or not isinstance(empty_value, (int, float)):
-        raise TypeError(f"empty_value must be a float, got {type(empty_value).__name__}")
+    empty_value = _checks.real("empty_value", empty_value)
     if _checks.validate_requested(validate):
         _checks.all_finite("hidden", hidden)
         _checks.all_finite("returns", returns)
-        if key_bias is not None and bool(torch.isnan(key_bias).any()):
-            raise ValueError("key_bias contains NaN")
+        # -inf is a legitimate zero weight (like key_mask); NaN and +inf would poison whole rows.
+        if key_bias is not None and bool((torch.isnan(key_bias) | (key_bias == float("inf"))).any()):
+            raise ValueError("key_bias contains NaN or +inf")
     backend = _backend.resolve("hista_values", backend, device)
+    # Detached: Hista values are regression targets, and the ops define no gradient; without this a
+    # trainer passing hidden states that require grad would get outputs whose backward raises.
     values, lse = _ops.hista_values(
-        hidden, returns, rollout_ids, group_offsets, temperature, similarity, key_mask, key_bias,
-        float(empty_value), backend,
+        hidden.detach(), returns.detach(), rollout_ids, group_offsets, temperature, similarity, key_mask,
+        None if key_bias is None else key_bias.detach(), empty_value, backend,
     )
     return HistaOutput(values, lse)
