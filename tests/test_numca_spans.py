@@ -227,6 +227,8 @@ BAD = [
     (dict(mask=torch.ones(1, 2, dtype=torch.complex64)), TypeError, "mask"),
     (dict(backend="cuda"), ValueError, "backend"),
     (dict(backend="gpu"), ValueError, "backend"),
+    (dict(validate="no"), TypeError, "validate"),
+    (dict(validate=0), TypeError, "validate"),
 ]
 
 
@@ -243,3 +245,23 @@ def test_out_of_range_ids_read_as_separators_without_validation():
     ids = torch.tensor([[49, 300, 50, -7, 51]])
     out = sk.numeric_spans(ids, BYTES, validate=False)
     assert out.end[0].tolist() == [True, False, True, False, True]
+
+
+@pytest.mark.parametrize("env,validate,scans", [
+    (None, None, True), (None, True, True), (None, False, False),
+    ("1", None, True), ("1", False, False), ("0", None, False), ("0", True, True), ("", None, True),
+])
+def test_id_range_check_follows_validate_and_env(monkeypatch, env, validate, scans):
+    """The id-range check runs by default (a clear error for ids outside the vocab); validate=False or
+    SVEB_VALIDATE=0 turn it off, and then those ids read as separators."""
+    if env is None:
+        monkeypatch.delenv("SVEB_VALIDATE", raising=False)
+    else:
+        monkeypatch.setenv("SVEB_VALIDATE", env)
+    ids = torch.tensor([[49, 256, 50, 51]])
+    if scans:
+        with pytest.raises(ValueError, match="token_ids"):
+            sk.numeric_spans(ids, BYTES, validate=validate)
+    else:
+        out = sk.numeric_spans(ids, BYTES, validate=validate)
+        assert out.end[0].tolist() == [True, False, False, True] and out.key[0, 3] == fnv1a64_key("23")

@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,6 +122,59 @@ def test_numeric_masks_dtypes_and_non_contiguous(seed):
     torch.testing.assert_close(out64, want)
 
 
+@pytest.mark.parametrize("match", ["last", "prefix"])
+def test_non_contiguous_inputs_are_accepted_and_never_modified(seed, match):
+    """Every tensor argument a strided view (transposed or every other column); all left untouched."""
+    spans = random_spans(6, 15, keys=3, density=0.4)
+    returns, groups = torch.randn(6), torch.tensor([0, 0, 0, 4, 4, 4])
+    mask = torch.rand(6, 15) > 0.2
+    end_nc = spans.end.t().contiguous().t()
+    key_nc = torch.stack([spans.key, -spans.key], dim=2)[:, :, 0]
+    returns_nc = torch.stack([returns, returns + 1], dim=1)[:, 0]
+    groups_nc = torch.stack([groups, groups], dim=1)[:, 1]
+    mask_nc = torch.stack([~mask, mask], dim=2)[:, :, 1]
+    args = (NumericSpans(end_nc, key_nc, None, None), returns_nc, groups_nc, mask_nc)
+    assert not any(x.is_contiguous() for x in (end_nc, key_nc, returns_nc, groups_nc, mask_nc))
+    before = [x.clone() for x in (end_nc, key_nc, returns_nc, groups_nc, mask_nc)]
+    out = sk.numca_values(*args, match=match, min_support=2, backend="reference")
+    for x, b in zip((end_nc, key_nc, returns_nc, groups_nc, mask_nc), before):
+        assert torch.equal(x, b)
+    want = numca_values_oracle(spans.end, spans.key, returns, groups, mask, match=match, min_support=2)
+    torch.testing.assert_close(out.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+
+
+def test_plain_tuple_and_list_spans(seed):
+    """SPEC: any NumericSpans, including one built by hand; a plain (end, key, value, start) sequence too."""
+    spans = random_spans(5, 9, keys=2, density=0.4)
+    returns, groups, mask = torch.randn(5), torch.tensor([0, 0, 1, 1, 1]), torch.rand(5, 9) > 0.1
+    want = numca_values_oracle(spans.end, spans.key, returns, groups, mask, match="prefix")
+    for given in (tuple(spans), list(spans), (spans.end, spans.key, None, None), spans):
+        out = sk.numca_values(given, returns, groups, mask, match="prefix")
+        torch.testing.assert_close(out.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+
+
+def test_numpy_scalars_are_accepted(seed):
+    spans = random_spans(7, 11, keys=2, density=0.4)
+    returns, groups, mask = torch.randn(7), torch.tensor([0, 0, 0, 0, 1, 1, 2]), torch.rand(7, 11) > 0.1
+    for min_support, empty_value, loo in ((np.int64(2), np.float64(-1.5), np.bool_(True)),
+                                          (np.int32(3), np.float32(0.25), np.bool_(False)),
+                                          (np.uint8(2), np.int16(4), True)):
+        out = sk.numca_values(spans, returns, groups, mask, min_support=min_support, empty_value=empty_value,
+                              leave_one_out=loo)
+        want = numca_values_oracle(spans.end, spans.key, returns, groups, mask, min_support=int(min_support),
+                                   empty_value=float(empty_value), leave_one_out=bool(loo))
+        torch.testing.assert_close(out.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+
+
+def test_largest_min_support_means_no_milestone(seed):
+    """min_support up to the int64 maximum: no milestone ever has that much support, so the peers' mean."""
+    spans = random_spans(4, 8, keys=1, density=0.5)
+    returns, groups, mask = torch.randn(4), torch.zeros(4, dtype=torch.int64), torch.ones(4, 8, dtype=torch.bool)
+    out = sk.numca_values(spans, returns, groups, mask, min_support=np.int64(2 ** 63 - 1))
+    want = numca_values_oracle(spans.end, spans.key, returns, groups, mask, min_support=2 ** 63 - 1)
+    torch.testing.assert_close(out.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+
+
 def test_opcheck(seed):
     spans = random_spans(6, 20, keys=3, density=0.3)
     mask = torch.rand(6, 20) > 0.2
@@ -159,10 +213,25 @@ BAD = [
     (dict(mask=torch.ones(3, 5, dtype=torch.bool)), ValueError, "mask"),
     (dict(match="first"), ValueError, "match"),
     (dict(match=1), TypeError, "match"),
+    (dict(spans=object()), TypeError, "spans"),
+    (dict(spans=[torch.zeros(3, 4, dtype=torch.bool)] * 5), TypeError, "spans"),
+    (dict(spans={"end": torch.zeros(3, 4, dtype=torch.bool), "key": torch.zeros(3, 4, dtype=torch.int64)}),
+     TypeError, "spans"),
     (dict(min_support=0), ValueError, "min_support"),
+    (dict(min_support=np.int64(-2)), ValueError, "min_support"),
+    (dict(min_support=10 ** 30), ValueError, "min_support"),
+    (dict(min_support=2 ** 63), ValueError, "min_support"),
     (dict(min_support=1.5), TypeError, "min_support"),
+    (dict(min_support=np.float64(2.0)), TypeError, "min_support"),
+    (dict(min_support=True), TypeError, "min_support"),
+    (dict(min_support=np.bool_(True)), TypeError, "min_support"),
     (dict(leave_one_out=1), TypeError, "leave_one_out"),
+    (dict(leave_one_out=np.int64(1)), TypeError, "leave_one_out"),
     (dict(empty_value="none"), TypeError, "empty_value"),
+    (dict(empty_value=True), TypeError, "empty_value"),
+    (dict(empty_value=10 ** 400), ValueError, "empty_value"),
+    (dict(empty_value=torch.tensor(1.0)), TypeError, "empty_value"),
+    (dict(validate="yes"), TypeError, "validate"),
     (dict(backend="cuda"), ValueError, "backend"),
 ]
 
@@ -176,10 +245,21 @@ def test_bad_input(override, exc, word):
         sk.numca_values(*positional, **args)
 
 
-def test_validate_scans_returns(monkeypatch):
+@pytest.mark.parametrize("env,validate,scans", [
+    (None, None, False), (None, True, True), (None, False, False),
+    ("1", None, True), ("1", False, False), ("0", None, False), ("0", True, True), ("", None, False),
+])
+def test_validate_scans_returns(monkeypatch, env, validate, scans):
+    """The NaN scan of returns is opt-in: validate=True, or validate=None with SVEB_VALIDATE=1."""
+    if env is None:
+        monkeypatch.delenv("SVEB_VALIDATE", raising=False)
+    else:
+        monkeypatch.setenv("SVEB_VALIDATE", env)
     args = values_args()
     args["returns"][1] = float("nan")
     positional = [args.pop(k) for k in ("spans", "returns", "group_index", "mask")]
-    sk.numca_values(*positional)
-    with pytest.raises(ValueError, match="returns"):
-        sk.numca_values(*positional, validate=True)
+    if scans:
+        with pytest.raises(ValueError, match="returns"):
+            sk.numca_values(*positional, validate=validate)
+    else:
+        sk.numca_values(*positional, validate=validate)

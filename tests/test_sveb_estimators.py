@@ -98,10 +98,6 @@ def packed_hidden_of(ids, packing, seed):
 
 @pytest.mark.parametrize("match", ["last", "prefix"])
 def test_numca_estimator_matches_oracle(seed, tokenizer, match):
-    try:
-        from sveb_kernels.numca import NumericVocab  # noqa: F401
-    except ImportError as e:  # only while the numca package is not there yet
-        pytest.skip(f"sveb_kernels.numca not importable: {e}")
     batch = SvebBatch(random_groups(random.Random(seed), tokenizer), pad_id=tokenizer.pad_token_id,
                       tokenizer=tokenizer)
     values = estimators.Numca(match, backend="reference").estimate(batch)

@@ -20,14 +20,23 @@ having reached it. Three pieces:
   (match="prefix"); held until the next milestone with at least `min_support` peers, and the
   peers' mean before the first.
 
+Checks: shapes, dtypes and devices always. Data scans: the token-id range of numeric_spans runs by
+default (a clear ValueError for ids outside the vocab; the kernels themselves read such ids as
+separators), the finiteness of numca_values' returns only on request; validate=True/False decides,
+validate=None follows SVEB_VALIDATE when it is set (1: every scan, 0: none). The decisions a user
+should know are listed in docs/DESIGN.md (Numca).
+
 Files: `vocab.py` (bytes and tables), `reference.py` (vectorized PyTorch, any device), `triton.py`
 (scan kernels), `toy_tokenizers.py` (small tokenizers of each Hugging Face family, trained locally).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+import numbers
+import os
+from typing import NamedTuple, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -70,6 +79,60 @@ def _as_bool_mask(name: str, mask: Tensor, shape, device) -> Tensor:
     return mask if mask.dtype == torch.bool else mask != 0
 
 
+_INT64_MAX = torch.iinfo(torch.int64).max
+_TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+def _scans(validate: Optional[bool]) -> Optional[bool]:
+    """Which data scans to run: True (all), False (none) or None (the default: only the token-id range
+    check, see numeric_spans). validate=True/False decides; validate=None follows SVEB_VALIDATE when it
+    is set (1 enables every scan, 0 disables all), else the default. No scan while compiling."""
+    if validate is not None and not isinstance(validate, (bool, np.bool_)):
+        raise TypeError(f"validate must be None or a bool, got {type(validate).__name__}")
+    if _checks.is_tracing():
+        return False
+    if validate is None:
+        env = os.environ.get("SVEB_VALIDATE", "").strip().lower()
+        return None if env == "" else env in _TRUE_WORDS
+    return bool(validate)
+
+
+def _flag(name: str, x) -> bool:
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+    return bool(x)
+
+
+def _int(name: str, x, *, low: int) -> int:
+    """Python and numpy integers (not bools), in [low, int64 max] since the op passes them as int64."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    x = int(x)
+    if not low <= x <= _INT64_MAX:
+        raise ValueError(f"{name} must be an int in [{low}, {_INT64_MAX}], got {x}")
+    return x
+
+
+def _real(name: str, x) -> float:
+    """Python and numpy reals (not bools) that fit a float64; inf and NaN are allowed (a fill value)."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+    try:
+        return float(x)
+    except OverflowError:
+        raise ValueError(f"{name} must fit in a float64, got {x}") from None
+
+
+def _as_spans(spans) -> NumericSpans:
+    if isinstance(spans, NumericSpans):
+        return spans
+    if isinstance(spans, (tuple, list)) and len(spans) == 4:
+        return NumericSpans(*spans)
+    raise TypeError("spans must be a NumericSpans(end, key, value, start) or a 4-tuple/list in that order, "
+                    f"got {type(spans).__name__}" + (f" of length {len(spans)}" if isinstance(spans, (tuple, list))
+                                                      else ""))
+
+
 def numeric_spans(
     token_ids: Tensor,
     vocab: Union[NumericVocab, Tensor],
@@ -85,8 +148,10 @@ def numeric_spans(
         vocab: the tokenizer's NumericVocab (or its `.table`), on the same device as token_ids.
         mask: optional [B, T] bool (or 0/1 numeric); False tokens are one separator byte 0x00.
         backend: "auto" (SVEB_BACKEND, else the fastest for the device), "reference", "triton".
-        validate: token ids are checked to lie in [0, V) unless validate=False (an eager-mode
-            reduction; skipped while compiling, where out-of-range ids read as separators).
+        validate: token ids are checked to lie in [0, V) (one min/max reduction, for a clear
+            ValueError: the kernels never read outside the table, ids outside it read as separators).
+            The check runs by default; validate=False, or validate=None with SVEB_VALIDATE=0, skips
+            it; it is always skipped while compiling.
 
     Returns:
         NumericSpans(end [B,T] bool, key [B,T] int64, value [B,T] float64, start [B,T] int32).
@@ -103,7 +168,7 @@ def numeric_spans(
         raise ValueError(f"vocab is on {table.device} but token_ids on {device}: use vocab.to(token_ids.device)")
     if mask is not None:
         mask = _as_bool_mask("mask", mask, shape, device)
-    if validate is not False and not _checks.is_tracing() and token_ids.numel():
+    if _scans(validate) is not False and token_ids.numel():
         lo, hi = (int(x) for x in torch.aminmax(token_ids))
         if lo < 0 or hi >= table.shape[0]:
             raise ValueError(f"token_ids must lie in [0, {table.shape[0]}) (the vocab size), "
@@ -113,7 +178,7 @@ def numeric_spans(
 
 
 def numca_values(
-    spans: NumericSpans,
+    spans: Union[NumericSpans, Sequence[Tensor]],
     returns: Tensor,
     group_index: Tensor,
     mask: Tensor,
@@ -128,25 +193,25 @@ def numca_values(
     """Milestone values per token (SPEC 2c).
 
     Args:
-        spans: NumericSpans of the batch (only `end` [B,T] bool and `key` [B,T] int64 are read; a
-            tuple built by hand is fine). Numbers count only where `mask` is True.
+        spans: NumericSpans of the batch, from numeric_spans or built by hand, or a plain 4-tuple/list
+            (end, key, value, start). Only `end` [B,T] bool and `key` [B,T] int64 are read (value and
+            start may be None). Numbers count only where `mask` is True.
         returns: [B] float, each rollout's return.
         group_index: [B] integer, the prompt (group) of each rollout.
         mask: [B, T] bool (or 0/1 numeric): the tokens to value; the others get 0.
         match: "last" (peers that wrote the rollout's latest number anywhere) or "prefix" (peers
             whose first m numbers are the rollout's first m).
         leave_one_out: leave the rollout itself out of its peers.
-        min_support: int >= 1, the peers a milestone needs; with fewer the previous value is kept.
-        empty_value: the value when a rollout has no peers at all.
+        min_support: int >= 1 (Python or numpy), the peers a milestone needs; with fewer the previous
+            value is kept.
+        empty_value: float (Python or numpy), the value when a rollout has no peers at all.
         backend: "auto", "reference" or "triton".
-        validate: also check that returns are finite (default: SVEB_VALIDATE=1).
+        validate: also check that returns are finite (default: only when SVEB_VALIDATE=1).
 
     Returns:
         values [B, T] float32.
     """
-    end, key = getattr(spans, "end", None), getattr(spans, "key", None)
-    if end is None or key is None:
-        raise TypeError(f"spans must be a NumericSpans (end, key, value, start), got {type(spans).__name__}")
+    end, key = _as_spans(spans)[:2]
     _checks.tensor("spans.end", end, ndim=2, dtypes=(torch.bool,))
     shape, device = tuple(end.shape), end.device
     _checks.tensor("spans.key", key, dtypes=(torch.int64,), shape=shape, device=device)
@@ -154,19 +219,15 @@ def numca_values(
     _checks.tensor("group_index", group_index, dtypes=_checks.INT_DTYPES, shape=(shape[0],), device=device)
     mask = _as_bool_mask("mask", mask, shape, device)
     _checks.choice("match", match, MATCHES)
-    if not isinstance(leave_one_out, bool):
-        raise TypeError(f"leave_one_out must be a bool, got {type(leave_one_out).__name__}")
-    if isinstance(min_support, bool) or not isinstance(min_support, int):
-        raise TypeError(f"min_support must be an int, got {type(min_support).__name__}")
-    if min_support < 1:
-        raise ValueError(f"min_support must be >= 1, got {min_support}")
-    if isinstance(empty_value, bool) or not isinstance(empty_value, (int, float)):
-        raise TypeError(f"empty_value must be a float, got {type(empty_value).__name__}")
-    if _checks.validate_requested(validate):
+    leave_one_out = _flag("leave_one_out", leave_one_out)
+    min_support = _int("min_support", min_support, low=1)
+    empty_value = _real("empty_value", empty_value)
+    if _scans(validate):
         _checks.all_finite("returns", returns)
     backend = _backend.resolve("numca_values", backend, device)
-    return _ops.numca_values(end, key, returns, group_index, mask, match, leave_one_out, min_support,
-                             float(empty_value), backend)
+    # Detached: values are regression targets (see docs/DESIGN.md, "No gradients").
+    return _ops.numca_values(end, key, returns.detach(), group_index, mask, match, leave_one_out, min_support,
+                             empty_value, backend)
 
 
 __all__ = ["NumericSpans", "NumericVocab", "numca_values", "numeric_spans"]

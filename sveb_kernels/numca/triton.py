@@ -534,7 +534,7 @@ def numca_values(end: Tensor, key: Tensor, returns: Tensor, group_index: Tensor,
     _values_kernel[(batch,)](
         valid.view(torch.uint8), mask.to(torch.bool).contiguous().view(torch.uint8), key.contiguous(),
         sorted_keys.contiguous(), count, h1.contiguous(), h2.contiguous(), ret, order, lo, hi, baseline, out,
-        length, loo, min_support,
+        length, loo, min(min_support, batch + 1),  # support <= batch: the same test, an int32 argument
         PREFIX=prefix, SEARCH_STEPS=max(1, int(length).bit_length()), BLOCK_T=max(16, block_t),
         num_warps=4 if block_t <= 512 else 8,
     )

@@ -10,6 +10,7 @@ import pathlib
 import random
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,6 +107,36 @@ def test_values_match_oracle(seed, match):
                                         block_t=block_t)
         want = torch.tensor(numca_values_oracle(spans.end, spans.key, returns, groups, mask, **kw), dtype=torch.float64)
         torch.testing.assert_close(out.cpu().double(), want.reshape(batch, length), rtol=1e-6, atol=1e-6)
+
+
+def test_values_public_api_plain_tuple_numpy_scalars_strided_inputs(seed):
+    """The public function on the Triton backend: a plain (end, key, value, start) tuple of strided
+    views, numpy scalars, min_support up to the int64 maximum; inputs untouched."""
+    batch, length = 6, 21
+    spans = random_spans(batch, length)
+    groups, returns = torch.tensor([2, 2, 2, 5, 5, 5]), torch.randn(batch)
+    mask = torch.rand(batch, length) > 0.2
+    strided = [torch.stack([x, x], dim=-1)[..., 1].to(DEVICE) for x in (spans.end, spans.key, returns, groups, mask)]
+    before = [x.clone() for x in strided]
+    end, key, ret, grp, msk = strided
+    for match, min_support in (("last", np.int64(2)), ("prefix", np.int32(1)), ("last", np.int64(2 ** 63 - 1))):
+        out = sk.numca_values((end, key, None, None), ret, grp, msk, match=match, min_support=min_support,
+                              empty_value=np.float32(0.5), backend="triton")
+        want = numca_values_oracle(spans.end, spans.key, returns, groups, mask, match=match,
+                                   min_support=int(min_support), empty_value=0.5)
+        torch.testing.assert_close(out.cpu().double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(x, b) for x, b in zip(strided, before))
+
+
+def test_spans_public_api_strided_inputs_untouched(seed):
+    ids, mask = make_batch("llama3", random.Random(seed), rows=2, pieces=6)
+    _, vocab = tokenizer_and_vocab("llama3")
+    ids_nc = torch.stack([ids.int(), ids.int()], dim=2)[:, :, 1].to(DEVICE)
+    mask_nc = torch.stack([mask, mask], dim=2)[:, :, 0].to(DEVICE)
+    before = (ids_nc.clone(), mask_nc.clone())
+    out = sk.numeric_spans(ids_nc, vocab.to(DEVICE), mask_nc, backend="triton")
+    assert torch.equal(ids_nc, before[0]) and torch.equal(mask_nc, before[1])
+    assert_spans_equal(out, oracle_for("llama3", ids, mask), ids, value_ulps=1)
 
 
 @pytest.mark.gpu
