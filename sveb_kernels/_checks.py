@@ -8,11 +8,13 @@ import numbers
 import os
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+INT64_MAX = torch.iinfo(torch.int64).max
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
@@ -53,10 +55,29 @@ def finite_float(name: str, x, *, low: Optional[float] = None, high: Optional[fl
 
 
 def real(name: str, x) -> float:
-    """Any real scalar (NaN and infinities allowed), as a Python float."""
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+    """Python and NumPy reals (not bools) that fit a float64; inf and NaN are allowed (fill values)."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(x).__name__}")
-    return float(x)
+    try:
+        return float(x)
+    except OverflowError:
+        raise ValueError(f"{name} must fit in a float64, got {x}") from None
+
+
+def integer(name: str, x, *, low: int) -> int:
+    """Python and NumPy integers (not bools), in [low, int64 max]: ops pass them as int64."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    x = int(x)
+    if not low <= x <= INT64_MAX:
+        raise ValueError(f"{name} must be an int in [{low}, {INT64_MAX}], got {x}")
+    return x
+
+
+def flag(name: str, x) -> bool:
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+    return bool(x)
 
 
 def choice(name: str, x, options: tuple[str, ...]) -> str:

@@ -32,7 +32,6 @@ Files: `vocab.py` (bytes and tables), `reference.py` (vectorized PyTorch, any de
 
 from __future__ import annotations
 
-import numbers
 import os
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -79,7 +78,6 @@ def _as_bool_mask(name: str, mask: Tensor, shape, device) -> Tensor:
     return mask if mask.dtype == torch.bool else mask != 0
 
 
-_INT64_MAX = torch.iinfo(torch.int64).max
 _TRUE_WORDS = ("1", "true", "yes", "on")
 
 
@@ -95,32 +93,6 @@ def _scans(validate: Optional[bool]) -> Optional[bool]:
         env = os.environ.get("SVEB_VALIDATE", "").strip().lower()
         return None if env == "" else env in _TRUE_WORDS
     return bool(validate)
-
-
-def _flag(name: str, x) -> bool:
-    if not isinstance(x, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
-    return bool(x)
-
-
-def _int(name: str, x, *, low: int) -> int:
-    """Python and numpy integers (not bools), in [low, int64 max] since the op passes them as int64."""
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
-    x = int(x)
-    if not low <= x <= _INT64_MAX:
-        raise ValueError(f"{name} must be an int in [{low}, {_INT64_MAX}], got {x}")
-    return x
-
-
-def _real(name: str, x) -> float:
-    """Python and numpy reals (not bools) that fit a float64; inf and NaN are allowed (a fill value)."""
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
-    try:
-        return float(x)
-    except OverflowError:
-        raise ValueError(f"{name} must fit in a float64, got {x}") from None
 
 
 def _as_spans(spans) -> NumericSpans:
@@ -219,9 +191,9 @@ def numca_values(
     _checks.tensor("group_index", group_index, dtypes=_checks.INT_DTYPES, shape=(shape[0],), device=device)
     mask = _as_bool_mask("mask", mask, shape, device)
     _checks.choice("match", match, MATCHES)
-    leave_one_out = _flag("leave_one_out", leave_one_out)
-    min_support = _int("min_support", min_support, low=1)
-    empty_value = _real("empty_value", empty_value)
+    leave_one_out = _checks.flag("leave_one_out", leave_one_out)
+    min_support = _checks.integer("min_support", min_support, low=1)
+    empty_value = _checks.real("empty_value", empty_value)
     if _scans(validate):
         _checks.all_finite("returns", returns)
     backend = _backend.resolve("numca_values", backend, device)
