@@ -112,3 +112,24 @@ def test_helper_kernels_compile():
             kernel = compile_kernel(gt._gae_kernel, arch, dict(rewards_ptr="*bf16", mask_ptr="*u8"),
                                     dict(gamma_hi="fp32", gamma_lo="fp32", gamma_lam="fp32"), dict(BLOCK_T=block_t), warps)
             assert spilled_bytes(kernel) == 0
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_numca_kernels_compile_without_spills(arch):
+    from sveb_kernels.numca import triton as nt
+
+    for width in (1, 2):  # class-table columns: vocabularies whose tokens hold <= 8 or <= 16 bytes of classes
+        kernel = compile_kernel(
+            nt._spans_kernel, arch,
+            dict(ids_ptr="*i64", mask_ptr="*u8", table_ptr="*i64", fdelta_ptr="*i8", bdelta_ptr="*i8", pow_ptr="*fp64",
+                 carry_ptr="*i32", end_ptr="*u8", key_ptr="*i64", value_ptr="*fp64", start_ptr="*i32"),
+            {}, dict(COLS=2 + width, WIDTH=width, WP=width, HAS_MASK=True, BLOCK_T=1024), 8)
+        assert spilled_bytes(kernel) == 0
+    for prefix in (False, True):
+        kernel = compile_kernel(
+            nt._values_kernel, arch,
+            dict(valid_ptr="*u8", mask_ptr="*u8", key_ptr="*i64", sorted_ptr="*i64", count_ptr="*i32", h1_ptr="*i64",
+                 h2_ptr="*i64", returns_ptr="*fp64", order_ptr="*i64", lo_ptr="*i64", hi_ptr="*i64",
+                 baseline_ptr="*fp64", out_ptr="*fp32"),
+            {}, dict(PREFIX=prefix, SEARCH_STEPS=12, BLOCK_T=1024), 8)
+        assert spilled_bytes(kernel) == 0
