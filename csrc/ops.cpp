@@ -13,6 +13,7 @@
 #include "device_info.h"
 #include "gae.h"
 #include "hista.h"
+#include "numca.h"
 
 namespace sveb {
 
@@ -33,11 +34,15 @@ TORCH_LIBRARY_FRAGMENT(sveb, m) {
       "float temperature, str similarity, Tensor? key_mask, Tensor? key_bias, float empty_value, "
       "int key_splits=0) -> (Tensor, Tensor)");
   m.def("_cuda_gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+  m.def(
+      "_cuda_numeric_spans(Tensor token_ids, Tensor table, Tensor? mask) "
+      "-> (Tensor end, Tensor key, Tensor value, Tensor start)");
 }
 
 TORCH_LIBRARY_IMPL(sveb, CUDA, m) {
   m.impl("_cuda_hista_values", &sveb::hista_values_cuda);
   m.impl("_cuda_gae", &sveb::gae_cuda);
+  m.impl("_cuda_numeric_spans", &sveb::numeric_spans_cuda);
 }
 
 // Why CPU too: the same host functions check every argument and then reject CPU tensors with a
@@ -47,6 +52,7 @@ TORCH_LIBRARY_IMPL(sveb, CUDA, m) {
 TORCH_LIBRARY_IMPL(sveb, CPU, m) {
   m.impl("_cuda_hista_values", &sveb::hista_values_cuda);
   m.impl("_cuda_gae", &sveb::gae_cuda);
+  m.impl("_cuda_numeric_spans", &sveb::numeric_spans_cuda);
 }
 
 // A plain (pybind-free) module init: `import sveb_kernels._C` only needs to load the library so

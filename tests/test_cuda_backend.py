@@ -8,6 +8,7 @@ the real thing (PTX fragment layouts, cp.async, the ATen preparation in csrc/*.c
 
 import math
 import os
+import random
 
 import pytest
 import torch
@@ -15,11 +16,17 @@ import torch
 import sveb_kernels as sk
 from sveb_kernels import _backend, _build_info
 from kernel_checks import check_gae, check_hista, check_hista_against
+from numca_cases import FAMILIES, assert_spans_equal, oracle_for, tokenizer_and_vocab
+from numca_cases import make_batch as numca_batch
+from sveb_kernels.numca import NumericSpans
 from test_hista import make_batch, plain_pytorch_in_dtype, random_groups
+from test_numca_spans import BYTES, MIXED, dense_random_ids, mixed_decode
+from oracles import numeric_spans_oracle
 
-# Public op -> the private op of the extension that implements it (numeric_spans and numca_values
-# join this table when their CUDA kernels exist).
-CUDA_OPS = {"hista_values": "sveb::_cuda_hista_values", "gae": "sveb::_cuda_gae"}
+# Public op -> the private op of the extension that implements it (numca_values joins this table
+# when its CUDA kernel exists).
+CUDA_OPS = {"hista_values": "sveb::_cuda_hista_values", "gae": "sveb::_cuda_gae",
+            "numeric_spans": "sveb::_cuda_numeric_spans"}
 
 _module, _reason = _build_info.load_extension()
 gpu = pytest.mark.gpu
@@ -55,6 +62,11 @@ def test_private_hista_schema_matches_public_op():
     assert public_args == private_args
     public_gae = [(a.name, str(a.type)) for a in torch.ops.sveb.gae.default._schema.arguments if a.name != "backend"]
     assert public_gae == [(a.name, str(a.type)) for a in torch.ops.sveb._cuda_gae.default._schema.arguments]
+    public_spans = [(a.name, str(a.type)) for a in torch.ops.sveb.numeric_spans.default._schema.arguments
+                    if a.name != "backend"]
+    private_spans = torch.ops.sveb._cuda_numeric_spans.default._schema
+    assert public_spans == [(a.name, str(a.type)) for a in private_spans.arguments]
+    assert [r.name for r in private_spans.returns] == list(NumericSpans._fields)
 
 
 def hista_args(**changes):
@@ -118,11 +130,36 @@ def test_private_gae_op_checks_arguments(changes, error, match):
         torch.ops.sveb._cuda_gae(**gae_args(**changes))
 
 
+def spans_args(**changes):
+    args = dict(token_ids=torch.tensor([[49, 50, 32, 51]]), table=BYTES.table, mask=torch.ones(1, 4, dtype=torch.bool))
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("changes,error,match", [
+    (dict(token_ids=torch.tensor([1, 2])), ValueError, "token_ids must have shape"),
+    (dict(token_ids=torch.tensor([[1.0, 2.0]])), TypeError, "token_ids must have dtype"),
+    (dict(token_ids=torch.tensor([[1, 2]], dtype=torch.int16)), TypeError, "token_ids must have dtype"),
+    (dict(table=BYTES.table.int()), TypeError, "table must have dtype"),
+    (dict(table=BYTES.table[:, :2]), ValueError, "table must have shape"),
+    (dict(table=BYTES.table[0]), ValueError, "table must have shape"),
+    (dict(mask=torch.ones(1, 3, dtype=torch.bool)), ValueError, "mask must have the shape of token_ids"),
+    (dict(mask=torch.ones(1, 4, dtype=torch.complex64)), TypeError, "mask must have dtype"),
+    ({}, ValueError, "needs CUDA tensors"),
+    (dict(mask=None, token_ids=torch.tensor([[49, 50]], dtype=torch.int32)), ValueError, "needs CUDA tensors"),
+])
+def test_private_spans_op_checks_arguments(changes, error, match):
+    with pytest.raises(error, match=match):
+        torch.ops.sveb._cuda_numeric_spans(**spans_args(**changes))
+
+
 def test_public_functions_refuse_cuda_backend_on_cpu_tensors():
     with pytest.raises(ValueError, match="CUDA tensors"):
         sk.hista_values(**{k: v for k, v in hista_args().items() if k != "key_splits"}, backend="cuda")
     with pytest.raises(ValueError, match="CUDA tensors"):
         sk.gae(**gae_args(), backend="cuda")
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        sk.numeric_spans(torch.tensor([[49, 50]]), BYTES, backend="cuda")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,4 +462,90 @@ def test_gae_public_op_compiles_and_passes_opcheck(seed):
         return adv * mask, ret
 
     for a, b in zip(torch.compile(f, fullgraph=True)(rewards, values, mask), f(rewards, values, mask)):
+        torch.testing.assert_close(a, b)
+
+
+# ---- Numca numeric_spans -------------------------------------------------------------------------
+def cuda_spans(token_ids, vocab, mask=None):
+    spans = sk.numeric_spans(token_ids.cuda(), vocab.to("cuda"), None if mask is None else mask.cuda(),
+                             backend="cuda")
+    torch.cuda.synchronize()
+    return NumericSpans(*(t.cpu() for t in spans))
+
+
+@gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_spans_match_reference_and_regex_oracle(seed, family):
+    rng = random.Random(seed)
+    _, vocab = tokenizer_and_vocab(family)
+    for _ in range(3):
+        ids, mask = numca_batch(family, rng, rows=int(rng.randint(1, 70)), pieces=30)
+        got = cuda_spans(ids, vocab, mask)
+        want = sk.numeric_spans(ids, vocab, mask, backend="reference")
+        assert_spans_equal(got, [x.tolist() for x in want], ids, value_ulps=1)
+        assert_spans_equal(got, oracle_for(family, ids, mask), ids, value_ulps=1)
+
+
+@gpu
+def test_spans_dense_grammar_int32_and_out_of_vocab_ids(seed):
+    rng = random.Random(seed)
+    ids = dense_random_ids(rng, 130, 97)  # more rows than one CTA's threads
+    mask = (torch.rand(ids.shape) > 0.05).to(torch.uint8)  # a 0/1 mask
+    assert_spans_equal(cuda_spans(ids.int(), MIXED, mask), numeric_spans_oracle(mixed_decode, ids, set(), mask),
+                       ids, value_ulps=1)
+    holes = torch.rand(ids.shape) < 0.05
+    bad = torch.where(holes, torch.where(torch.rand(ids.shape) < 0.5, -3, 10 ** 6), ids)
+    got = NumericSpans(*(t.cpu() for t in sk.numeric_spans(bad.cuda(), MIXED.to("cuda"), backend="cuda",
+                                                            validate=False)))
+    assert_spans_equal(got, numeric_spans_oracle(mixed_decode, ids, set(), ~holes), ids, value_ulps=1)
+
+
+@gpu
+def test_spans_empty_and_non_contiguous_inputs_untouched(seed):
+    _, vocab = tokenizer_and_vocab("llama3")
+    for shape in [(0, 5), (3, 0)]:
+        out = cuda_spans(torch.zeros(shape, dtype=torch.int64), vocab)
+        assert out.end.shape == shape and out.value.dtype == torch.float64 and out.start.dtype == torch.int32
+    ids, mask = numca_batch("llama3", random.Random(seed), rows=5, pieces=20)
+    ids_nc = torch.stack([ids, ids], dim=2)[:, :, 1].cuda()
+    mask_nc = mask.T.contiguous().T.cuda()
+    before = (ids_nc.clone(), mask_nc.clone())
+    got = sk.numeric_spans(ids_nc, vocab.to("cuda").table, mask_nc, backend="cuda")
+    assert torch.equal(before[0], ids_nc) and torch.equal(before[1], mask_nc)
+    assert_spans_equal(NumericSpans(*(t.cpu() for t in got)), oracle_for("llama3", ids, mask), ids, value_ulps=1)
+
+
+@gpu
+def test_spans_agree_with_triton_on_long_rows(seed):
+    if not backend_available("numeric_spans", "triton"):
+        pytest.skip("triton backend unavailable")
+    rng = random.Random(seed)
+    _, vocab = tokenizer_and_vocab("qwen2")
+    ids, mask = numca_batch("qwen2", rng, rows=8, pieces=900)  # a few thousand tokens a row
+    vocab = vocab.to("cuda")
+    ours = sk.numeric_spans(ids.cuda(), vocab, mask.cuda(), backend="cuda")
+    theirs = sk.numeric_spans(ids.cuda(), vocab, mask.cuda(), backend="triton")
+    assert_spans_equal(NumericSpans(*(t.cpu() for t in ours)), [t.cpu().tolist() for t in theirs], ids, value_ulps=2)
+
+
+@gpu
+def test_spans_public_op_compiles_and_passes_opcheck(seed):
+    """As test_numca_spans.test_opcheck: the AOT check is redone with equal_nan (value is NaN off numbers)."""
+    ids, mask = numca_batch("gpt2", random.Random(seed), rows=3, pieces=10)
+    _, vocab = tokenizer_and_vocab("gpt2")
+    ids, mask, table = ids.cuda(), mask.cuda(), vocab.to("cuda").table
+    op = torch.ops.sveb.numeric_spans.default
+    for args in ((ids, table, mask, "cuda"), (ids.int(), table, None, "cuda")):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+        compiled = torch.compile(lambda *a: op(*a), backend="aot_eager", fullgraph=True, dynamic=True)(*args)
+        for a, b in zip(compiled, op(*args)):
+            torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+
+    cuda_vocab = vocab.to("cuda")
+
+    def f(ids, mask):
+        spans = sk.numeric_spans(ids, cuda_vocab, mask, backend="cuda")
+        return spans.value.nan_to_num(0.0).sum(), spans.key
+
+    for a, b in zip(torch.compile(f, fullgraph=True)(ids, mask), f(ids, mask)):
         torch.testing.assert_close(a, b)

@@ -1,6 +1,6 @@
 """The CUDA kernels of csrc/ executed on the CPU (tests/cuda_emulation/: one OS thread per CUDA
 thread), against the float64 oracles: tiling, group and rollout masking, key splits, the cp.async
-pipeline and the GAE scans are checked on machines without a GPU.
+pipeline, the GAE scans and the Numca span walk are checked on machines without a GPU.
 
 The emulator runs the kernel source itself (csrc/*_kernel.cuh, compiled by the host C++ compiler);
 what it cannot vouch for (the PTX fragment layouts, timing, the hardware) is left to the GPU tests in
@@ -12,6 +12,7 @@ its inputs through unchanged.
 import math
 import os
 import pathlib
+import random
 import shutil
 import subprocess
 
@@ -19,8 +20,13 @@ import numpy as np
 import pytest
 import torch
 
+import sveb_kernels as sk
 from kernel_checks import check_gae, check_hista
+from numca_cases import FAMILIES, assert_spans_equal, make_batch as numca_batch, oracle_for, tokenizer_and_vocab
+from oracles import numeric_spans_oracle
+from sveb_kernels.numca import NumericSpans
 from test_hista import make_batch, random_groups
+from test_numca_spans import MIXED, MIXED_PIECES, dense_random_ids, mixed_decode
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EMULATION = ROOT / "tests" / "cuda_emulation"
@@ -202,3 +208,79 @@ def test_gae_kernel_long_telescoping_row(emulator, tmp_path, seed):
     rewards, values = torch.randn(1, length), torch.randn(1, length)
     adv, ret = emulated_gae(emulator, tmp_path, rewards, values, mask, 1.0, 1.0)
     check_gae(adv, ret, rewards, values, mask, 1.0, 1.0)
+
+
+# ---- Numca numeric_spans -------------------------------------------------------------------------
+def emulated_spans(exe, directory, token_ids, table, mask=None):
+    """csrc/numca_kernel.cuh on the CPU, with the inputs csrc/numca.cu would pass (contiguous ids of
+    their own dtype, a bool mask)."""
+    batch, length = token_ids.shape
+    params = dict(batch=batch, length=length, vocab=table.shape[0], cols=table.shape[1],
+                  id_bytes=token_ids.element_size(), has_mask=int(mask is not None))
+    arrays = {"ids": token_ids.contiguous().numpy(), "table": table.contiguous().numpy()}
+    if mask is not None:
+        arrays["mask"] = mask.to(torch.bool).to(torch.uint8).numpy()
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        np.ascontiguousarray(array).tofile(directory / f"{name}.bin")
+    (directory / "params.txt").write_text("".join(f"{k} {v!r}\n" for k, v in params.items()))
+    proc = subprocess.run([str(exe), "numca", str(directory)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"emulated numca kernel failed:\n{proc.stderr[-4000:]}"
+
+    def read(name, dtype):
+        return torch.from_numpy(np.fromfile(directory / f"{name}.bin", dtype=dtype)).reshape(batch, length)
+
+    return NumericSpans(read("end", np.uint8).bool(), read("key", np.int64), read("value", np.float64),
+                        read("start", np.int32))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_numca_kernel_matches_reference_on_tokenized_texts(emulator, tmp_path, seed, family):
+    """Texts full of numbers of every form, tokenized, with special tokens and masked holes."""
+    rng = random.Random(seed)
+    _, vocab = tokenizer_and_vocab(family)
+    ids, mask = numca_batch(family, rng, rows=5, pieces=40)
+    want = sk.numeric_spans(ids, vocab, mask, backend="reference")
+    got = emulated_spans(emulator, tmp_path, ids, vocab.table, mask)
+    assert_spans_equal(got, [x.tolist() for x in want], ids, value_ulps=1)
+    assert_spans_equal(got, oracle_for(family, ids, mask), ids, value_ulps=1)
+
+
+def test_numca_kernel_dense_grammar_zero_length_tokens_and_bad_ids(emulator, tmp_path, seed):
+    """Ids over an alphabet that fires every rule of the grammar, tokens of 0 to 7 bytes, numbers cut
+    by masked tokens, and ids outside the vocab (they read as separators, like masked tokens)."""
+    rng = random.Random(seed)
+    ids = dense_random_ids(rng, 7, int(rng.randint(50, 150)))
+    mask = torch.rand(ids.shape) > 0.05
+    want = numeric_spans_oracle(mixed_decode, ids, set(), mask)
+    got = emulated_spans(emulator, tmp_path / "int64", ids, MIXED.table, mask)
+    assert_spans_equal(got, want, ids, value_ulps=1)
+    got32 = emulated_spans(emulator, tmp_path / "int32", ids.int(), MIXED.table)
+    assert_spans_equal(got32, numeric_spans_oracle(mixed_decode, ids, set()), ids, value_ulps=1)
+    bad = ids.clone()
+    holes = torch.rand(ids.shape) < 0.05
+    bad[holes] = torch.where(torch.rand(ids.shape) < 0.5, -3, len(MIXED_PIECES) + 5)[holes]
+    got_bad = emulated_spans(emulator, tmp_path / "bad", bad, MIXED.table)
+    assert_spans_equal(got_bad, numeric_spans_oracle(mixed_decode, ids, set(), ~holes), ids, value_ulps=1)
+
+
+def test_numca_kernel_long_and_extreme_numbers(emulator, tmp_path, seed):
+    """Numbers over hundreds of tokens, more digits than the mantissa keeps, overflow and underflow,
+    values off the exact fast path: keys exact, values within 1 ulp of Python's float()."""
+    rng = random.Random(seed)
+    tok, vocab = tokenizer_and_vocab("qwen2")  # one token per digit
+
+    def digits(n):
+        return "".join(rng.choice("0123456789") for _ in range(n))
+
+    forms = ["9" * 400, "0." + "0" * 330 + "17", "0." + "0" * 300 + digits(25), "1" + ",000" * 40 + ".5",
+             "123456789012345678901234567890.123456789", f"{rng.randint(1, 9)}{digits(rng.randint(20, 330))}",
+             f"0.{'0' * rng.randint(20, 320)}{digits(rng.randint(1, 40))}", "-" + digits(17) + "." + digits(9),
+             "179769313486231570" + "0" * 291, "2.2250738585072014e-308".split("e")[0] + "0" * 5]
+    forms += [f"{rng.uniform(0, 10) ** rng.randint(-30, 30):.{rng.randint(0, 25)}f}" for _ in range(30)]
+    forms += [f"{digits(rng.randint(1, 22))}.{digits(rng.randint(1, 22))}" for _ in range(30)]
+    text = " ".join(forms)
+    ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
+    got = emulated_spans(emulator, tmp_path, ids, vocab.table)
+    assert_spans_equal(got, oracle_for("qwen2", ids), ids, value_ulps=1)
+    assert int(got.end.sum()) == len(forms)

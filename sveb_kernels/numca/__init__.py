@@ -27,11 +27,13 @@ validate=None follows SVEB_VALIDATE when it is set (1: every scan, 0: none). The
 should know are listed in docs/DESIGN.md (Numca).
 
 Files: `vocab.py` (bytes and tables), `reference.py` (vectorized PyTorch, any device), `triton.py`
-(scan kernels), `toy_tokenizers.py` (small tokenizers of each Hugging Face family, trained locally).
+(scan kernels), `cuda.py` (numeric_spans on the compiled extension, csrc/numca*),
+`toy_tokenizers.py` (small tokenizers of each Hugging Face family, trained locally).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -69,6 +71,7 @@ def _load_triton(name):
 
 _backend.register("numeric_spans", "reference", lambda: _reference.numeric_spans)
 _backend.register("numeric_spans", "triton", _load_triton("numeric_spans"))
+_backend.register("numeric_spans", "cuda", lambda: importlib.import_module(".cuda", __name__).numeric_spans)
 _backend.register("numca_values", "reference", lambda: _reference.numca_values)
 _backend.register("numca_values", "triton", _load_triton("numca_values"))
 
@@ -119,7 +122,7 @@ def numeric_spans(
         token_ids: [B, T] int32/int64 token ids of the rows (prompt and/or response).
         vocab: the tokenizer's NumericVocab (or its `.table`), on the same device as token_ids.
         mask: optional [B, T] bool (or 0/1 numeric); False tokens are one separator byte 0x00.
-        backend: "auto" (SVEB_BACKEND, else the fastest for the device), "reference", "triton".
+        backend: "auto" (SVEB_BACKEND, else the fastest for the device), "reference", "triton", "cuda".
         validate: token ids are checked to lie in [0, V) (one min/max reduction, for a clear
             ValueError: the kernels never read outside the table, ids outside it read as separators).
             The check runs by default; validate=False, or validate=None with SVEB_VALIDATE=0, skips

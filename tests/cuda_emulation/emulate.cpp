@@ -1,12 +1,13 @@
-// Runs the Hista or GAE kernel of csrc/ on the CPU (cuda_emulation.h), launched the way the host
+// Runs the Hista, GAE or Numca kernel of csrc/ on the CPU (cuda_emulation.h), launched the way the host
 // code in csrc/*.cu launches it. Inputs and outputs are raw little-endian arrays in a directory,
 // plus params.txt ("key value" lines); tests/test_cuda_emulation.py writes and reads them.
 //
-//   emulate hista DIR    or    emulate gae DIR
+//   emulate hista DIR    or    emulate gae DIR    or    emulate numca DIR
 #include "cuda_emulation.h"
 // The kernels, compiled for the CPU.
 #include "gae_kernel.cuh"
 #include "hista_kernel.cuh"
+#include "numca_kernel.cuh"
 
 #include <fstream>
 #include <map>
@@ -148,16 +149,63 @@ int run_gae(const std::string& dir) {
   return 0;
 }
 
+// As csrc/numca.cu: outputs start at their defaults, the kernel writes the tokens where numbers end.
+int run_numca(const std::string& dir) {
+  using namespace sveb::numca_kernels;
+  const Params params = read_params(dir);
+  const auto batch = static_cast<int64_t>(number(params, "batch"));
+  const auto length = static_cast<int64_t>(number(params, "length"));
+  const auto vocab = static_cast<int64_t>(number(params, "vocab"));
+  const auto cols = static_cast<int64_t>(number(params, "cols"));
+  const size_t count = static_cast<size_t>(batch * length);
+  const bool int32_ids = number(params, "id_bytes") == 4;
+  const auto ids32 = int32_ids ? read_array<int32_t>(dir, "ids.bin", count) : std::vector<int32_t>{};
+  const auto ids64 = int32_ids ? std::vector<int64_t>{} : read_array<int64_t>(dir, "ids.bin", count);
+  const auto table = read_array<int64_t>(dir, "table.bin", static_cast<size_t>(vocab * cols));
+  std::vector<unsigned char> mask;
+  if (number(params, "has_mask") != 0) mask = read_array<unsigned char>(dir, "mask.bin", count);
+  std::vector<unsigned char> end(count, 0);
+  std::vector<int64_t> key(count, 0);
+  std::vector<double> value(count, NAN);
+  std::vector<int32_t> start(count, -1);
+  SpansParams p{};
+  p.ids = int32_ids ? static_cast<const void*>(ids32.data()) : static_cast<const void*>(ids64.data());
+  p.mask = mask.empty() ? nullptr : reinterpret_cast<const bool*>(mask.data());
+  p.table = table.data();
+  p.batch = batch;
+  p.length = length;
+  p.vocab = vocab;
+  p.cols = cols;
+  p.end = reinterpret_cast<bool*>(end.data());
+  p.key = key.data();
+  p.value = value.data();
+  p.start = start.data();
+  const auto blocks = static_cast<unsigned>((batch + kThreads - 1) / kThreads);
+  emu::launch(blocks, kThreads, 0, [&] {
+    if (int32_ids) {
+      numeric_spans_kernel<int32_t>(p);
+    } else {
+      numeric_spans_kernel<int64_t>(p);
+    }
+  });
+  write_array(dir, "end.bin", end);
+  write_array(dir, "key.bin", key);
+  write_array(dir, "value.bin", value);
+  write_array(dir, "start.bin", start);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    std::fprintf(stderr, "usage: %s hista|gae DIR\n", argv[0]);
+    std::fprintf(stderr, "usage: %s hista|gae|numca DIR\n", argv[0]);
     return 2;
   }
   const std::string what = argv[1], dir = argv[2];
   if (what == "hista") return run_hista(dir);
   if (what == "gae") return run_gae(dir);
+  if (what == "numca") return run_numca(dir);
   std::fprintf(stderr, "unknown kernel %s\n", what.c_str());
   return 2;
 }
