@@ -28,8 +28,12 @@ def _info(args: argparse.Namespace) -> int:
     if info:
         built = ", ".join(f"{k} {info[k]}" for k in ("torch", "torch_cuda", "nvcc", "archs") if k in info)
         print(f"extension    built against {built}")
-    _, reason = load_extension()
+    module, reason = load_extension()
     print(f"extension    {reason}")
+    if module is not None:
+        compiled = [op for op in _backend.registered_ops() if hasattr(torch.ops.sveb, f"_cuda_{op}")
+                    and torch._C._dispatch_has_kernel_for_dispatch_key(f"sveb::_cuda_{op}", "CUDA")]
+        print(f"extension    CUDA kernels for: {', '.join(compiled) or 'none'}")
     print()
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     width = max(len(op) for op in _backend.registered_ops())
