@@ -86,7 +86,12 @@ def why_unavailable(op: str, backend: str, device_type: str) -> Optional[str]:
     from ._build_info import load_extension
 
     module, reason = load_extension()
-    return None if module is not None else f"CUDA extension unavailable: {reason}"
+    if module is None:
+        return f"CUDA extension unavailable: {reason}"
+    # An extension built from older sources may lack this op's kernel.
+    if not hasattr(torch.ops.sveb, f"_cuda_{op}"):
+        return f"the loaded CUDA extension has no kernel for {op}; reinstall to rebuild it"
+    return None
 
 
 # Under torch.compile the choice is made once, eagerly, at trace time (it imports Triton or the

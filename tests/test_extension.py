@@ -42,3 +42,14 @@ def test_cli_info_runs():
     out = subprocess.run([sys.executable, "-m", "sveb_kernels.cli", "info", "-v"], capture_output=True, text=True,
                          check=True).stdout
     assert "torch" in out and "hista_values" in out and "gae" in out and "extension" in out
+
+
+def test_cuda_backend_needs_the_ops_kernel_in_the_loaded_extension(monkeypatch):
+    module, _ = _build_info.load_extension()
+    if module is None:
+        pytest.skip("the CUDA extension was not built in this install")
+    from sveb_kernels import _backend
+
+    monkeypatch.setitem(_backend._LOADERS, ("not_compiled_op", "cuda"), lambda: None)
+    assert "no kernel for not_compiled_op" in _backend.why_unavailable("not_compiled_op", "cuda", "cuda")
+    assert _backend.why_unavailable("hista_values", "cuda", "cuda") is None
