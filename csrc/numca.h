@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace sveb {
@@ -13,5 +14,11 @@ namespace sveb {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> numeric_spans_cuda(const at::Tensor& token_ids,
                                                                               const at::Tensor& table,
                                                                               const std::optional<at::Tensor>& mask);
+
+// Implementation of the private op sveb::_cuda_numca_values (SPEC 2c; host code numca_values.cu):
+// values [B, T] float32. Registered for CPU too, like numeric_spans_cuda.
+at::Tensor numca_values_cuda(const at::Tensor& end, const at::Tensor& key, const at::Tensor& returns,
+                             const at::Tensor& group_index, const at::Tensor& mask, const std::string& match,
+                             bool leave_one_out, int64_t min_support, double empty_value);
 
 }  // namespace sveb

@@ -37,12 +37,16 @@ TORCH_LIBRARY_FRAGMENT(sveb, m) {
   m.def(
       "_cuda_numeric_spans(Tensor token_ids, Tensor table, Tensor? mask) "
       "-> (Tensor end, Tensor key, Tensor value, Tensor start)");
+  m.def(
+      "_cuda_numca_values(Tensor end, Tensor key, Tensor returns, Tensor group_index, Tensor mask, str match, "
+      "bool leave_one_out, SymInt min_support, float empty_value) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sveb, CUDA, m) {
   m.impl("_cuda_hista_values", &sveb::hista_values_cuda);
   m.impl("_cuda_gae", &sveb::gae_cuda);
   m.impl("_cuda_numeric_spans", &sveb::numeric_spans_cuda);
+  m.impl("_cuda_numca_values", &sveb::numca_values_cuda);
 }
 
 // Why CPU too: the same host functions check every argument and then reject CPU tensors with a
@@ -53,6 +57,7 @@ TORCH_LIBRARY_IMPL(sveb, CPU, m) {
   m.impl("_cuda_hista_values", &sveb::hista_values_cuda);
   m.impl("_cuda_gae", &sveb::gae_cuda);
   m.impl("_cuda_numeric_spans", &sveb::numeric_spans_cuda);
+  m.impl("_cuda_numca_values", &sveb::numca_values_cuda);
 }
 
 // A plain (pybind-free) module init: `import sveb_kernels._C` only needs to load the library so

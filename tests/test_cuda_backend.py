@@ -21,12 +21,11 @@ from numca_cases import make_batch as numca_batch
 from sveb_kernels.numca import NumericSpans
 from test_hista import make_batch, plain_pytorch_in_dtype, random_groups
 from test_numca_spans import BYTES, MIXED, dense_random_ids, mixed_decode
-from oracles import numeric_spans_oracle
+from oracles import numca_values_oracle, numeric_spans_oracle
 
-# Public op -> the private op of the extension that implements it (numca_values joins this table
-# when its CUDA kernel exists).
+# Public op -> the private op of the extension that implements it.
 CUDA_OPS = {"hista_values": "sveb::_cuda_hista_values", "gae": "sveb::_cuda_gae",
-            "numeric_spans": "sveb::_cuda_numeric_spans"}
+            "numeric_spans": "sveb::_cuda_numeric_spans", "numca_values": "sveb::_cuda_numca_values"}
 
 _module, _reason = _build_info.load_extension()
 gpu = pytest.mark.gpu
@@ -67,6 +66,10 @@ def test_private_hista_schema_matches_public_op():
     private_spans = torch.ops.sveb._cuda_numeric_spans.default._schema
     assert public_spans == [(a.name, str(a.type)) for a in private_spans.arguments]
     assert [r.name for r in private_spans.returns] == list(NumericSpans._fields)
+    public_values = [(a.name, str(a.type)) for a in torch.ops.sveb.numca_values.default._schema.arguments
+                     if a.name != "backend"]
+    private_values = torch.ops.sveb._cuda_numca_values.default._schema
+    assert public_values == [(a.name, str(a.type)) for a in private_values.arguments]
 
 
 def hista_args(**changes):
@@ -153,6 +156,37 @@ def test_private_spans_op_checks_arguments(changes, error, match):
         torch.ops.sveb._cuda_numeric_spans(**spans_args(**changes))
 
 
+def values_args(**changes):
+    end = torch.tensor([[True, False, True], [False, True, True]])
+    args = dict(end=end, key=torch.tensor([[5, 0, 6], [0, 5, 7]]), returns=torch.tensor([1.0, -1.0]),
+                group_index=torch.tensor([3, 3]), mask=torch.ones(2, 3, dtype=torch.bool), match="last",
+                leave_one_out=True, min_support=1, empty_value=0.0)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("changes,error,match", [
+    (dict(end=torch.ones(3, dtype=torch.bool)), ValueError, "spans.end must have shape"),
+    (dict(end=torch.ones(2, 3, dtype=torch.int64)), TypeError, "spans.end must have dtype"),
+    (dict(key=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "spans.key must have dtype"),
+    (dict(key=torch.zeros(2, 4, dtype=torch.int64)), ValueError, "spans.key must have the shape of spans.end"),
+    (dict(returns=torch.zeros(3)), ValueError, "returns must have shape"),
+    (dict(returns=torch.zeros(2, dtype=torch.int64)), TypeError, "returns must have dtype"),
+    (dict(group_index=torch.zeros(2)), TypeError, "group_index must have dtype"),
+    (dict(group_index=torch.zeros(1, dtype=torch.int64)), ValueError, "group_index must have shape"),
+    (dict(mask=torch.ones(2, 2, dtype=torch.bool)), ValueError, "mask must have the shape of spans.end"),
+    (dict(mask=torch.ones(2, 3, dtype=torch.complex64)), TypeError, "mask must have dtype"),
+    (dict(match="first"), ValueError, "match must be one of"),
+    (dict(min_support=0), ValueError, "min_support must be >= 1"),
+    ({}, ValueError, "needs CUDA tensors"),
+    (dict(match="prefix", mask=torch.ones(2, 3), group_index=torch.tensor([1, 2], dtype=torch.uint8)), ValueError,
+     "needs CUDA tensors"),
+])
+def test_private_values_op_checks_arguments(changes, error, match):
+    with pytest.raises(error, match=match):
+        torch.ops.sveb._cuda_numca_values(**values_args(**changes))
+
+
 def test_public_functions_refuse_cuda_backend_on_cpu_tensors():
     with pytest.raises(ValueError, match="CUDA tensors"):
         sk.hista_values(**{k: v for k, v in hista_args().items() if k != "key_splits"}, backend="cuda")
@@ -160,6 +194,9 @@ def test_public_functions_refuse_cuda_backend_on_cpu_tensors():
         sk.gae(**gae_args(), backend="cuda")
     with pytest.raises(ValueError, match="CUDA tensors"):
         sk.numeric_spans(torch.tensor([[49, 50]]), BYTES, backend="cuda")
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        a = values_args()
+        sk.numca_values((a["end"], a["key"], None, None), a["returns"], a["group_index"], a["mask"], backend="cuda")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -549,3 +586,83 @@ def test_spans_public_op_compiles_and_passes_opcheck(seed):
 
     for a, b in zip(torch.compile(f, fullgraph=True)(ids, mask), f(ids, mask)):
         torch.testing.assert_close(a, b)
+
+
+# ---- Numca numca_values --------------------------------------------------------------------------
+def values_batch(batch, length, match):
+    """Groups of different sizes (some of one rollout), keys shared between peers, masked holes."""
+    group_index = torch.randint(0, max(1, batch // 3), (batch,)) * 11 - 4
+    end = torch.rand(batch, length) < 0.2
+    if match == "prefix":
+        key = torch.randint(0, 3, (length,))[None, :].expand(batch, length) + 10 * (torch.rand(batch, length) < 0.1)
+    else:
+        key = torch.randint(-(2 ** 63), 2 ** 63 - 1, (5,), dtype=torch.int64)[torch.randint(0, 5, (batch, length))]
+    key = torch.where(end, key, torch.zeros_like(key))
+    return NumericSpans(end, key, None, None), torch.randn(batch), group_index, torch.rand(batch, length) > 0.1
+
+
+@gpu
+@pytest.mark.parametrize("match", ["last", "prefix"])
+@pytest.mark.parametrize("leave_one_out", [True, False])
+@pytest.mark.parametrize("min_support", [1, 2, 3])
+def test_values_match_reference_and_oracle(seed, match, leave_one_out, min_support):
+    kw = dict(match=match, leave_one_out=leave_one_out, min_support=min_support, empty_value=-0.5)
+    for batch, length in [(1, 1), (7, 37), (13, 300), (40, 1100)]:
+        spans, returns, group_index, mask = values_batch(batch, length, match)
+        got = sk.numca_values(NumericSpans(*on_gpu(*spans)), *on_gpu(returns, group_index, mask), backend="cuda",
+                              **kw).cpu()
+        want = sk.numca_values(spans, returns, group_index, mask, backend="reference", **kw)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        if batch * length <= 4000:
+            oracle = torch.tensor(numca_values_oracle(spans.end, spans.key, returns, group_index, mask, **kw))
+            torch.testing.assert_close(got.double(), oracle.reshape(got.shape), rtol=1e-6, atol=1e-6)
+
+
+@gpu
+def test_values_dtypes_empty_and_inputs_untouched(seed):
+    spans, returns, group_index, mask = values_batch(9, 50, "last")
+    end, key = on_gpu(spans.end, spans.key)
+    ret, groups, m = on_gpu(returns.half(), group_index.to(torch.int16), mask.to(torch.uint8))
+    before = [t.clone() for t in (end, key, ret, groups, m)]
+    got = torch.ops.sveb._cuda_numca_values(end, key, ret, groups, m, "last", True, 1, 0.0).cpu()
+    torch.testing.assert_close(got, sk.numca_values(spans, returns.half().float(), group_index, mask,
+                                                    backend="reference"), rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(before, (end, key, ret, groups, m)))
+    key_nc = torch.stack([key, key], 2)[:, :, 0]
+    assert torch.equal(sk.numca_values((end, key_nc, None, None), *on_gpu(returns, group_index, mask),
+                                       backend="cuda").cpu(), sk.numca_values((end, key, None, None),
+                                       *on_gpu(returns, group_index, mask), backend="cuda").cpu())
+    for shape in [(0, 4), (3, 0)]:
+        out = sk.numca_values((torch.zeros(shape, dtype=torch.bool, device="cuda"),
+                               torch.zeros(shape, dtype=torch.int64, device="cuda"), None, None),
+                              torch.zeros(shape[0], device="cuda"), torch.zeros(shape[0], dtype=torch.int64,
+                                                                                 device="cuda"),
+                              torch.ones(shape, dtype=torch.bool, device="cuda"), backend="cuda")
+        assert out.shape == shape and out.dtype == torch.float32
+
+
+@gpu
+@pytest.mark.parametrize("match", ["last", "prefix"])
+def test_values_agree_with_triton(seed, match):
+    if not backend_available("numca_values", "triton"):
+        pytest.skip("triton backend unavailable")
+    spans, returns, group_index, mask = values_batch(64, 2000, match)
+    args = (NumericSpans(*on_gpu(*spans)), *on_gpu(returns, group_index, mask))
+    ours = sk.numca_values(*args, match=match, min_support=2, backend="cuda")
+    theirs = sk.numca_values(*args, match=match, min_support=2, backend="triton")
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+@gpu
+def test_values_public_op_compiles_and_passes_opcheck(seed):
+    spans, returns, group_index, mask = values_batch(6, 40, "prefix")
+    end, key, returns, group_index, mask = on_gpu(spans.end, spans.key, returns, group_index, mask)
+    for match in ("last", "prefix"):
+        torch.library.opcheck(torch.ops.sveb.numca_values.default,
+                              [end, key, returns, group_index, mask, match, True, 2, 0.25, "cuda"])
+
+    def f(end, key, returns, group_index, mask):
+        return sk.numca_values((end, key, None, None), returns, group_index, mask, match="prefix", backend="cuda") * 2
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(end, key, returns, group_index, mask),
+                               f(end, key, returns, group_index, mask))

@@ -284,3 +284,110 @@ def test_numca_kernel_long_and_extreme_numbers(emulator, tmp_path, seed):
     got = emulated_spans(emulator, tmp_path, ids, vocab.table)
     assert_spans_equal(got, oracle_for("qwen2", ids), ids, value_ulps=1)
     assert int(got.end.sum()) == len(forms)
+
+
+# ---- Numca numca_values ----------------------------------------------------------------------------
+VALUES_CHUNK = 256  # tokens per chunk of the numca_values kernel (csrc/numca_values_kernel.cuh: kThreads)
+PREFIX_MULTIPLIERS = (0x9E3779B97F4A7C15 - (1 << 64), 0xC2B2AE3D27D4EB4F - (1 << 64))  # csrc/numca_values.cu
+
+
+def emulated_values(exe, directory, spans, returns, group_index, mask, *, match="last", leave_one_out=True,
+                    min_support=1, empty_value=0.0):
+    """The ATen preprocessing of csrc/numca_values.cu with the same torch ops, then the kernel."""
+    batch, length = mask.shape
+    keep = mask.bool()
+    valid = spans.end.bool() & keep
+    key = spans.key
+    sorted_group, order = torch.sort(group_index.long(), stable=True)
+    lo = torch.searchsorted(sorted_group, group_index.long(), right=False)
+    hi = torch.searchsorted(sorted_group, group_index.long(), right=True)
+    count = valid.sum(1, dtype=torch.int32)
+    sorted_keys = hash1 = hash2 = key
+    if match == "prefix":
+        ordinal = torch.cumsum(valid, 1) - 1
+        slot = torch.where(valid, ordinal, torch.full_like(ordinal, length))
+        compact = torch.zeros(batch, length + 1, dtype=torch.int64).scatter_(
+            1, slot, torch.where(valid, key, torch.zeros_like(key)))[:, :length]
+        hash1, hash2 = (torch.cumsum(compact * torch.full((length,), m, dtype=torch.int64).cumprod(0), 1)
+                        for m in PREFIX_MULTIPLIERS)
+    else:
+        sorted_keys = torch.sort(torch.where(valid, key, torch.full_like(key, torch.iinfo(torch.int64).max)), 1).values
+    arrays = dict(valid=valid.to(torch.uint8).numpy(), mask=keep.to(torch.uint8).numpy(), key=key.numpy(),
+                  sorted_keys=sorted_keys.numpy(), hash1=hash1.numpy(), hash2=hash2.numpy(), count=count.numpy(),
+                  returns=returns.double().numpy(), order=order.numpy(), lo=lo.numpy(), hi=hi.numpy())
+    params = dict(batch=batch, length=length, prefix=int(match == "prefix"), leave_one_out=int(leave_one_out),
+                  min_support=min(min_support, batch + 1), empty_value=float(empty_value))
+    (values,) = run_emulator(exe, "numca_values", directory, params, arrays, ["values"])
+    return values.reshape(batch, length)
+
+
+def values_case(rng, match, length):
+    """Groups of 1 to 6 rollouts (some of one), interleaved in the batch; keys from a small pool so that
+    peers share numbers (for "prefix": a shared script with divergences); masked holes."""
+    sizes = [rng.choice([1, 1, 2, 3, 4, 6]) for _ in range(rng.randint(2, 4))]
+    group_index = torch.tensor([g * 5 - 3 for g, size in enumerate(sizes) for _ in range(size)])
+    group_index = group_index[torch.randperm(group_index.numel())]
+    batch = group_index.numel()
+    end = torch.rand(batch, length) < 0.25
+    if match == "prefix":
+        script = torch.randint(0, 3, (length,))
+        key = script[None, :].expand(batch, length) + 10 * (torch.rand(batch, length) < 0.1)
+    else:
+        pool = torch.randint(-(2 ** 63), 2 ** 63 - 1, (4,), dtype=torch.int64)
+        key = pool[torch.randint(0, 4, (batch, length))]
+    key = torch.where(end, key, torch.zeros_like(key))
+    mask = torch.rand(batch, length) > 0.15
+    return NumericSpans(end, key, None, None), torch.randn(batch, dtype=torch.float64), group_index, mask
+
+
+@pytest.mark.parametrize("match", ["last", "prefix"])
+@pytest.mark.parametrize("leave_one_out", [True, False])
+@pytest.mark.parametrize("min_support", [1, 2, 3])
+def test_numca_values_kernel_matches_reference(emulator, tmp_path, seed, match, leave_one_out, min_support):
+    rng = random.Random(seed)
+    length = rng.choice([1, 37, VALUES_CHUNK, VALUES_CHUNK + 45])  # one chunk, a full one, a carry
+    spans, returns, group_index, mask = values_case(rng, match, length)
+    kw = dict(match=match, leave_one_out=leave_one_out, min_support=min_support, empty_value=-0.75)
+    got = emulated_values(emulator, tmp_path, spans, returns, group_index, mask, **kw)
+    want = sk.numca_values(spans, returns, group_index, mask, backend="reference", **kw)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert (got[~mask] == 0).all()
+
+
+def test_numca_values_kernel_holds_values_across_chunks(emulator, tmp_path, seed):
+    """A milestone early in the row and none after it: its value (not the peers' mean: row 4 lacks the
+    number) must carry through later chunks; a lone rollout gets empty_value."""
+    length = 2 * VALUES_CHUNK + 11
+    end = torch.zeros(5, length, dtype=torch.bool)
+    key = torch.zeros(5, length, dtype=torch.int64)
+    end[0, 3] = end[1, 400] = end[2, VALUES_CHUNK - 1] = True
+    key[0, 3] = key[1, 400] = key[2, VALUES_CHUNK - 1] = 42
+    spans = NumericSpans(end, key, None, None)
+    returns, group_index = torch.randn(5, dtype=torch.float64), torch.tensor([7, 7, 7, 8, 7])
+    mask = torch.ones(5, length, dtype=torch.bool)
+    mask[0, 100:130] = False
+    for match in ("last", "prefix"):
+        got = emulated_values(emulator, tmp_path / match, spans, returns, group_index, mask, match=match,
+                              empty_value=3.5)
+        want = sk.numca_values(spans, returns, group_index, mask, match=match, empty_value=3.5, backend="reference")
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert float(got[3].max()) == float(got[3].min()) == 3.5
+
+
+def test_numca_values_kernel_prefix_needs_enough_numbers(emulator, tmp_path, seed):
+    """match="prefix": a peer with fewer numbers never supports a longer prefix, even when the extra
+    keys are 0 (its prefix hash stops changing after its last number)."""
+    keys = [[5, 0], [5], [5, 7], [5, 0], []]
+    length = 6
+    end = torch.zeros(len(keys), length, dtype=torch.bool)
+    key = torch.zeros(len(keys), length, dtype=torch.int64)
+    for b, row in enumerate(keys):
+        for i, k in enumerate(row):
+            end[b, 2 * i + 1], key[b, 2 * i + 1] = True, k
+    spans = NumericSpans(end, key, None, None)
+    returns, group_index = torch.randn(len(keys), dtype=torch.float64), torch.zeros(len(keys), dtype=torch.int64)
+    mask = torch.ones(len(keys), length, dtype=torch.bool)
+    for match in ("last", "prefix"):
+        got = emulated_values(emulator, tmp_path / match, spans, returns, group_index, mask, match=match)
+        want = sk.numca_values(spans, returns, group_index, mask, match=match, backend="reference")
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

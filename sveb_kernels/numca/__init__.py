@@ -74,6 +74,7 @@ _backend.register("numeric_spans", "triton", _load_triton("numeric_spans"))
 _backend.register("numeric_spans", "cuda", lambda: importlib.import_module(".cuda", __name__).numeric_spans)
 _backend.register("numca_values", "reference", lambda: _reference.numca_values)
 _backend.register("numca_values", "triton", _load_triton("numca_values"))
+_backend.register("numca_values", "cuda", lambda: importlib.import_module(".cuda", __name__).numca_values)
 
 
 def _as_bool_mask(name: str, mask: Tensor, shape, device) -> Tensor:
@@ -180,7 +181,7 @@ def numca_values(
         min_support: int >= 1 (Python or numpy), the peers a milestone needs; with fewer the previous
             value is kept.
         empty_value: float (Python or numpy), the value when a rollout has no peers at all.
-        backend: "auto", "reference" or "triton".
+        backend: "auto" (SVEB_BACKEND, else the fastest for the device), "reference", "triton", "cuda".
         validate: also check that returns are finite (default: only when SVEB_VALIDATE=1).
 
     Returns:

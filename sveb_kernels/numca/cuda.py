@@ -1,6 +1,8 @@
 """Numca on the compiled extension: `torch.ops.sveb._cuda_numeric_spans` (csrc/numca.cu, kernel in
 csrc/numca_kernel.cuh): one thread per row walks the row's byte classes once, applying the closed-form
-regex of reference.py and hashing each number as it goes. numca_values has no CUDA kernel yet.
+regex of reference.py and hashing each number as it goes; and `torch.ops.sveb._cuda_numca_values`
+(csrc/numca_values.cu, kernel in csrc/numca_values_kernel.cuh): one CTA per row, threads over its
+tokens, each number walking the row's peers as the Triton kernel does.
 
 Imported only by the backend loader, so that importing the package never loads the extension.
 """
@@ -21,3 +23,9 @@ if _module is None:
 
 def numeric_spans(token_ids: Tensor, table: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return torch.ops.sveb._cuda_numeric_spans(token_ids, table, mask)
+
+
+def numca_values(end: Tensor, key: Tensor, returns: Tensor, group_index: Tensor, mask: Tensor, match: str,
+                 leave_one_out: bool, min_support: int, empty_value: float) -> Tensor:
+    return torch.ops.sveb._cuda_numca_values(end, key, returns, group_index, mask, match, leave_one_out,
+                                             min_support, empty_value)

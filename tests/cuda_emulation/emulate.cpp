@@ -1,13 +1,14 @@
-// Runs the Hista, GAE or Numca kernel of csrc/ on the CPU (cuda_emulation.h), launched the way the host
+// Runs the Hista, GAE, Numca spans or Numca values kernel of csrc/ on the CPU (cuda_emulation.h), launched the way the host
 // code in csrc/*.cu launches it. Inputs and outputs are raw little-endian arrays in a directory,
 // plus params.txt ("key value" lines); tests/test_cuda_emulation.py writes and reads them.
 //
-//   emulate hista DIR    or    emulate gae DIR    or    emulate numca DIR
+//   emulate hista DIR    or    emulate gae DIR    or    emulate numca DIR    or    emulate numca_values DIR
 #include "cuda_emulation.h"
 // The kernels, compiled for the CPU.
 #include "gae_kernel.cuh"
 #include "hista_kernel.cuh"
 #include "numca_kernel.cuh"
+#include "numca_values_kernel.cuh"
 
 #include <fstream>
 #include <map>
@@ -195,17 +196,60 @@ int run_numca(const std::string& dir) {
   return 0;
 }
 
+// As csrc/numca_values.cu after its ATen preprocessing, which the test does with the same torch ops.
+int run_numca_values(const std::string& dir) {
+  using namespace sveb::numca_values_kernels;
+  const Params params = read_params(dir);
+  const auto batch = static_cast<int64_t>(number(params, "batch"));
+  const auto length = static_cast<int64_t>(number(params, "length"));
+  const size_t count = static_cast<size_t>(batch * length);
+  const auto valid = read_array<unsigned char>(dir, "valid.bin", count);
+  const auto mask = read_array<unsigned char>(dir, "mask.bin", count);
+  const auto key = read_array<int64_t>(dir, "key.bin", count);
+  const auto sorted_keys = read_array<int64_t>(dir, "sorted_keys.bin", count);
+  const auto hash1 = read_array<int64_t>(dir, "hash1.bin", count);
+  const auto hash2 = read_array<int64_t>(dir, "hash2.bin", count);
+  const auto numbers = read_array<int32_t>(dir, "count.bin", batch);
+  const auto returns = read_array<double>(dir, "returns.bin", batch);
+  const auto order = read_array<int64_t>(dir, "order.bin", batch);
+  const auto lo = read_array<int64_t>(dir, "lo.bin", batch);
+  const auto hi = read_array<int64_t>(dir, "hi.bin", batch);
+  std::vector<float> out(count, 12345.f);
+  ValuesParams p{};
+  p.valid = reinterpret_cast<const bool*>(valid.data());
+  p.mask = reinterpret_cast<const bool*>(mask.data());
+  p.key = key.data();
+  p.sorted_keys = sorted_keys.data();
+  p.hash1 = hash1.data();
+  p.hash2 = hash2.data();
+  p.count = numbers.data();
+  p.returns = returns.data();
+  p.order = order.data();
+  p.lo = lo.data();
+  p.hi = hi.data();
+  p.length = length;
+  p.prefix = number(params, "prefix") != 0;
+  p.leave_one_out = number(params, "leave_one_out") != 0;
+  p.min_support = static_cast<int64_t>(number(params, "min_support"));
+  p.empty_value = number(params, "empty_value");
+  p.out = out.data();
+  emu::launch(static_cast<unsigned>(batch), kThreads, 0, [&] { numca_values_kernel(p); });
+  write_array(dir, "values.bin", out);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    std::fprintf(stderr, "usage: %s hista|gae|numca DIR\n", argv[0]);
+    std::fprintf(stderr, "usage: %s hista|gae|numca|numca_values DIR\n", argv[0]);
     return 2;
   }
   const std::string what = argv[1], dir = argv[2];
   if (what == "hista") return run_hista(dir);
   if (what == "gae") return run_gae(dir);
   if (what == "numca") return run_numca(dir);
+  if (what == "numca_values") return run_numca_values(dir);
   std::fprintf(stderr, "unknown kernel %s\n", what.c_str());
   return 2;
 }
