@@ -224,7 +224,7 @@ def _numca_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row
 
 def run(config: Config) -> Report:
     device = config.device
-    matmul_rate, matmul_what = timing.matmul_flops_per_s(device, config.quick)
+    matmul_rate, matmul_what = timing.matmul_flops_per_s(device)
     ceilings = {
         "matmul_flops_per_s": matmul_rate,
         "matmul": matmul_what,

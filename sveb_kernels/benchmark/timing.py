@@ -110,7 +110,7 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int, memory
     return Measurement(median, peak_added_bytes(fn, device) if memory else None, done)
 
 
-def matmul_flops_per_s(device: torch.device, quick: bool) -> tuple[float, str]:
+def matmul_flops_per_s(device: torch.device) -> tuple[float, str]:
     """Rate of one large matmul measured now: bf16 on GPU (tensor cores), fp32 on CPU."""
     if device.type == "cuda":
         n, dtype = 8192, torch.bfloat16
