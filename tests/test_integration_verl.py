@@ -1,0 +1,219 @@
+"""The verl plugin against the real verl (0.9.x) on CPU: entry point, the one patch point, sveb_gae
+against verl's own GAE, options, and the Hista hidden-state hook on a tiny local model."""
+
+import inspect
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("verl", reason="needs the verl extra: pip install 'sveb_kernels[verl]'")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # verl warns about engines (megatron, NPU) absent on a CPU machine
+    import verl
+    from verl import DataProto
+    from verl.trainer.ppo import core_algos, ray_trainer
+
+from sveb_kernels.integrations import verl as plugin
+
+
+def random_mask(batch, length, generator):
+    """Right-padded responses with holes (masked observation tokens inside a multi-turn response)."""
+    lengths = torch.randint(0, length + 1, (batch,), generator=generator)
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    mask &= torch.rand(batch, length, generator=generator) > 0.2
+    mask[0, :2] = True  # verl's whitening needs at least two valid tokens in the batch
+    return mask.to(torch.float32)  # verl keeps response_mask as a float/int tensor
+
+
+def make_data(batch, length, generator, *, group=4):
+    mask = random_mask(batch, length, generator)
+    rewards = torch.randn(batch, length, generator=generator) * mask
+    values = torch.randn(batch, length, generator=generator)
+    uid = np.array([f"prompt-{i // group}" for i in range(batch)], dtype=object)
+    return DataProto.from_dict(
+        tensors={"token_level_rewards": rewards, "values": values, "response_mask": mask},
+        non_tensors={"uid": uid},
+    )
+
+
+# ---------------------------------------------------------------------------- loading and patching
+def test_entry_point_is_loaded_by_import_verl():
+    # A fresh interpreter: `import verl` alone must import the plugin and, once verl's trainer module
+    # is imported, the patch must be in place.
+    code = (
+        "import sys, warnings; warnings.simplefilter('ignore')\n"
+        "import verl\n"
+        "assert 'sveb_kernels.integrations.verl' in sys.modules, 'plugin not loaded by import verl'\n"
+        "assert 'verl.trainer.ppo.ray_trainer' not in sys.modules, 'plugin imported the trainer eagerly'\n"
+        "from verl.trainer.ppo.ray_trainer import compute_advantage\n"
+        "from verl.trainer.ppo.core_algos import get_adv_estimator_fn\n"
+        "assert compute_advantage.__sveb_original__ is not None\n"
+        "get_adv_estimator_fn('sveb_numca')\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, VERL_USE_EXTERNAL_PLUGINS="auto")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_entry_point_declared():
+    from importlib.metadata import entry_points
+
+    points = [p for p in entry_points(group="verl.plugins") if p.value == "sveb_kernels.integrations.verl"]
+    assert points, "sveb_kernels is not installed with its verl.plugins entry point (pip install -e .)"
+
+
+def test_patched_function_exists_with_the_expected_signature():
+    # If a verl upgrade renames or re-orders compute_advantage's parameters, this fails (and the
+    # plugin refuses to patch, warning, rather than wrapping a function it does not know).
+    patched = ray_trainer.compute_advantage
+    original = patched.__sveb_original__
+    assert original.__module__ == "verl.trainer.ppo.ray_trainer"
+    assert tuple(inspect.signature(original).parameters) == plugin.EXPECTED_PARAMETERS
+    assert plugin.signature_mismatch(original) is None
+    assert inspect.signature(patched) == inspect.signature(original)
+    for name in plugin.ESTIMATORS:
+        assert name in core_algos.ADV_ESTIMATOR_REGISTRY
+    assert "index" in inspect.signature(core_algos.compute_grpo_outcome_advantage).parameters
+    assert tuple(inspect.signature(core_algos.compute_pf_ppo_reweight_data).parameters)[:3] == (
+        "data", "reweight_method", "weight_pow")
+
+
+def test_patching_is_idempotent_and_refuses_an_unknown_signature():
+    patched = ray_trainer.compute_advantage
+    plugin.install()
+    assert ray_trainer.compute_advantage is patched
+
+    class FakeModule:
+        @staticmethod
+        def compute_advantage(data, adv_estimator, gamma=1.0, config=None):
+            return data
+
+    before = plugin._state.patch_error
+    try:
+        with pytest.warns(RuntimeWarning, match="expected"):
+            plugin._patch(FakeModule)
+        assert "__sveb_original__" not in vars(FakeModule.compute_advantage)
+        with pytest.raises(RuntimeError, match="compute_advantage has parameters"):
+            core_algos.get_adv_estimator_fn("sveb_gae")(token_level_rewards=None)
+    finally:
+        plugin._state.patch_error = before
+
+
+def test_registry_lookup_explains_itself():
+    fn = core_algos.get_adv_estimator_fn("sveb_numca")
+    with pytest.raises(RuntimeError, match="compute_advantage"):
+        fn(token_level_rewards=torch.zeros(1, 1), response_mask=torch.ones(1, 1), config=None)
+
+
+def test_v1_trainer_gets_the_patched_function():
+    pytest.importorskip("transfer_queue", reason="verl's v1 trainer needs TransferQueue")
+    from verl.trainer.ppo.v1 import utils as v1_utils
+
+    assert v1_utils.compute_advantage is ray_trainer.compute_advantage
+    generator = torch.Generator().manual_seed(0)
+    data = make_data(8, 33, generator)
+    keys = [f"prompt-{i // 4}_0_0" for i in range(8)]
+    out = v1_utils.compute_advantage_for_multi_trajectories(
+        data, batch_keys=keys, adv_estimator="sveb_gae", gamma=0.9, lam=0.8, config={})
+    want = plugin.compute_sveb_advantage(make_data_copy(data), "sveb_gae", gamma=0.9, lam=0.8)
+    torch.testing.assert_close(out.batch["advantages"], want.batch["advantages"], rtol=0, atol=0)
+
+
+def make_data_copy(data):
+    return DataProto.from_dict(
+        tensors={k: data.batch[k].clone() for k in ("token_level_rewards", "values", "response_mask")},
+        non_tensors={"uid": data.non_tensor_batch["uid"].copy()},
+    )
+
+
+# -------------------------------------------------------------------------------------- sveb_gae
+@pytest.mark.parametrize(
+    "batch,length,gamma,lam",
+    [(7, 1, 1.0, 1.0), (5, 37, 0.99, 0.95), (16, 301, 1.0, 1.0), (3, 1023, 0.7, 0.0), (4, 8192, 1.0, 0.95)],
+)
+def test_sveb_gae_equals_verls_gae(seed, batch, length, gamma, lam):
+    generator = torch.Generator().manual_seed(seed)
+    data = make_data(batch, length, generator)
+    if length == 1:
+        data.batch["response_mask"][:] = 1.0
+    reference = make_data_copy(data)
+    want_adv, want_ret = core_algos.compute_gae_advantage_return(
+        token_level_rewards=reference.batch["token_level_rewards"], values=reference.batch["values"],
+        response_mask=reference.batch["response_mask"], gamma=gamma, lam=lam)
+
+    inputs = {k: data.batch[k].clone() for k in data.batch.keys()}
+    out = ray_trainer.compute_advantage(data, adv_estimator="sveb_gae", gamma=gamma, lam=lam, config={})
+    for k, v in inputs.items():
+        assert torch.equal(out.batch[k], v), f"{k} was modified"
+    adv, ret = out.batch["advantages"], out.batch["returns"]
+    assert adv.shape == ret.shape == (batch, length) and adv.dtype == ret.dtype == torch.float32
+
+    # Both are float32 computations of the same recurrence: the scan's error bound (docs/CONTRACT.md
+    # §3) twice, on the raw advantages, and divided by the whitening scale after whitening.
+    raw = want_ret - reference.batch["values"]
+    bound = 2e-5 * (1 + float(raw.abs().max())) * math.log2(length + 1)
+    assert float((ret - want_ret).abs().max()) <= bound + 1e-6 * float(want_ret.abs().max())
+    mask = reference.batch["response_mask"].bool()
+    scale = float(raw[mask].std()) if int(mask.sum()) > 1 else 1.0
+    assert float((adv - want_adv).abs().max()) <= 2 * bound / scale + 1e-5 * (1 + float(want_adv.abs().max()))
+
+
+def test_sveb_gae_accepts_the_estimator_enum_and_a_verl_algo_config(seed):
+    from verl.trainer.config import AlgoConfig
+
+    generator = torch.Generator().manual_seed(seed)
+    data = make_data(6, 50, generator)
+    config = AlgoConfig(gamma=0.9, lam=0.9, adv_estimator="sveb_gae")
+    out = ray_trainer.compute_advantage(data, adv_estimator=config.adv_estimator, gamma=0.9, lam=0.9, config=config)
+    assert torch.isfinite(out.batch["advantages"]).all()
+
+
+def test_sveb_gae_without_values_names_the_critic(seed):
+    data = make_data(4, 9, torch.Generator().manual_seed(seed))
+    data.batch.pop("values")
+    with pytest.raises(ValueError, match="critic"):
+        ray_trainer.compute_advantage(data, adv_estimator="sveb_gae", config={})
+
+
+def test_other_estimators_pass_through_unchanged(seed):
+    generator = torch.Generator().manual_seed(seed)
+    data = make_data(8, 20, generator)
+    reference = make_data_copy(data)
+    out = ray_trainer.compute_advantage(data, adv_estimator="grpo", config={})
+    want = ray_trainer.compute_advantage.__sveb_original__(reference, adv_estimator="grpo", config={})
+    assert torch.equal(out.batch["advantages"], want.batch["advantages"])
+
+
+# --------------------------------------------------------------------------------------- options
+def test_options_from_config():
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create({"gamma": 1.0, "sveb": {"backend": "reference", "mode": "gae",
+                                                      "numca": {"match": "prefix"}, "hista": {"layer": 3}}})
+    options = plugin.Options.from_config(config)
+    assert options.backend == "reference" and options.mode == "gae"
+    assert options.numca.match == "prefix" and options.numca.leave_one_out is True
+    assert options.hista.layer == 3 and options.hista.temperature == 0.1
+    assert plugin.Options.from_config(None) == plugin.Options()
+    assert plugin.Options.from_config({}) == plugin.Options()
+    with pytest.raises(ValueError, match="algorithm.sveb.numca.matchh"):
+        plugin.Options.from_config({"sveb": {"numca": {"matchh": "last"}}})
+    with pytest.raises(ValueError, match="algorithm.sveb.mode"):
+        plugin.Options.from_config({"sveb": {"mode": "td"}})
+    with pytest.raises(TypeError, match="algorithm.sveb"):
+        plugin.Options.from_config({"sveb": 3})
+
+
+def test_backend_option_reaches_gae(seed):
+    data = make_data(4, 9, torch.Generator().manual_seed(seed))
+    with pytest.raises((ValueError, RuntimeError), match="no-such-backend"):
+        ray_trainer.compute_advantage(data, adv_estimator="sveb_gae", config={"sveb": {"backend": "no-such-backend"}})
