@@ -217,3 +217,211 @@ def test_backend_option_reaches_gae(seed):
     data = make_data(4, 9, torch.Generator().manual_seed(seed))
     with pytest.raises((ValueError, RuntimeError), match="no-such-backend"):
         ray_trainer.compute_advantage(data, adv_estimator="sveb_gae", config={"sveb": {"backend": "no-such-backend"}})
+
+
+# ------------------------------------------------------------------------------------ sveb_numca
+def numeric_responses(tokenizer, rollouts, length, generator):
+    """Responses that write numbers (some shared between rollouts of a prompt), right-padded."""
+    ids, mask = torch.full((rollouts, length), tokenizer.pad_token_id), torch.zeros(rollouts, length)
+    for b in range(rollouts):
+        numbers = torch.randint(0, 6, (3,), generator=generator).tolist()
+        text = "Compute " + " + ".join(str(10 + n) for n in numbers) + " = " + str(30 + numbers[0])
+        row = tokenizer(text, add_special_tokens=False)["input_ids"][:length]
+        row = row[: int(torch.randint(len(row) // 2, len(row) + 1, (), generator=generator))]
+        ids[b, : len(row)] = torch.tensor(row)
+        mask[b, : len(row)] = 1
+    return ids, mask
+
+
+def numca_data(seed, batch=12, length=24, group=4):
+    from sveb_kernels.sveb import tiny
+
+    generator = torch.Generator().manual_seed(seed)
+    tokenizer = tiny.build_tokenizer()
+    responses, mask = numeric_responses(tokenizer, batch, length, generator)
+    scores = torch.randint(0, 2, (batch,), generator=generator).float()
+    rewards = torch.zeros(batch, length)
+    last = (mask.sum(1).long() - 1).clamp_min(0)
+    rewards[torch.arange(batch), last] = scores * (mask.sum(1) > 0)
+    uid = np.array([f"p{(b // group) * 7 % 5}" for b in range(batch)], dtype=object)
+    data = DataProto.from_dict(
+        tensors={"responses": responses, "response_mask": mask, "token_level_rewards": rewards},
+        non_tensors={"uid": uid})
+    return data, tokenizer, scores
+
+
+@pytest.mark.parametrize("match,leave_one_out", [("last", True), ("prefix", False)])
+def test_sveb_numca_equals_a_direct_call_of_the_ops(seed, match, leave_one_out):
+    import sveb_kernels as sk
+
+    data, tokenizer, scores = numca_data(seed)
+    plugin.set_tokenizer(tokenizer)
+    mask = data.batch["response_mask"].bool()
+    config = {"sveb": {"numca": {"match": match, "leave_one_out": leave_one_out}}}
+    out = ray_trainer.compute_advantage(data, adv_estimator="sveb_numca", config=config)
+
+    # The ops directly: the value after token t-1 is the value of the state before token t; before
+    # the first token, the peers' mean return.
+    _, group = np.unique(data.non_tensor_batch["uid"].astype(str), return_inverse=True)
+    group = torch.as_tensor(group)
+    spans = sk.numeric_spans(data.batch["responses"], sk.NumericVocab.from_tokenizer(tokenizer), mask=mask)
+    after = sk.numca_values(spans, scores, group, mask, match=match, leave_one_out=leave_one_out).double()
+    peers = torch.tensor([
+        [scores[c].double().mean() if (c := [j for j in range(len(group)) if group[j] == group[b]
+                                             and (j != b or not leave_one_out)]) else 0.0][0]
+        for b in range(len(group))])
+    before = torch.cat([peers[:, None], after[:, :-1]], dim=1)
+    raw = (scores.double()[:, None] - before)[mask]  # outcome reward: reward-to-go = R on every token
+    want = (raw - raw.mean()) / torch.sqrt(raw.var() + 1e-8)
+    assert torch.allclose(out.batch["advantages"][mask].double(), want, atol=1e-5)
+    assert (out.batch["advantages"][~mask] == 0).all()
+    assert torch.allclose(out.batch["returns"][mask].double(), scores.double()[:, None].expand_as(mask)[mask], atol=1e-6)
+
+
+def test_sveb_numca_gae_mode_with_unit_gamma_lam_is_r_minus_v(seed):
+    data, tokenizer, _ = numca_data(seed)
+    plugin.set_tokenizer(tokenizer)
+    first = ray_trainer.compute_advantage(make_numca_copy(data), adv_estimator="sveb_numca", config={})
+    second = ray_trainer.compute_advantage(data, adv_estimator="sveb_numca", gamma=1.0, lam=1.0,
+                                           config={"sveb": {"mode": "gae"}})
+    torch.testing.assert_close(first.batch["advantages"], second.batch["advantages"], atol=1e-5, rtol=0)
+
+
+def make_numca_copy(data):
+    return DataProto.from_dict(tensors={k: data.batch[k].clone() for k in data.batch.keys()},
+                               non_tensors={"uid": data.non_tensor_batch["uid"].copy()})
+
+
+def test_sveb_numca_names_what_is_missing(seed):
+    data, tokenizer, _ = numca_data(seed)
+    plugin.set_tokenizer(None)
+    with pytest.raises(ValueError, match="tokenizer"):
+        ray_trainer.compute_advantage(make_numca_copy(data), adv_estimator="sveb_numca", config={})
+    plugin.set_tokenizer(tokenizer)
+    data.non_tensor_batch.pop("uid")
+    with pytest.raises(ValueError, match="uid"):
+        ray_trainer.compute_advantage(data, adv_estimator="sveb_numca", config={})
+
+
+# ------------------------------------------------------------------------------- Hista on workers
+@pytest.fixture(scope="module")
+def tiny_model():
+    from sveb_kernels.sveb import tiny
+
+    tokenizer = tiny.build_tokenizer()
+    return tiny.build_model(tokenizer, layers=3, hidden_size=32), tokenizer
+
+
+def padded_rollouts(model, generator, batch=6, prompt=7, response=9):
+    """verl's layout: left-padded prompts, right-padded responses, one attention mask."""
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(0, vocab, (batch, prompt + response), generator=generator)
+    attention = torch.ones(batch, prompt + response, dtype=torch.long)
+    for b in range(batch):
+        attention[b, : int(torch.randint(0, prompt - 1, (), generator=generator))] = 0
+        attention[b, prompt + int(torch.randint(1, response + 1, (), generator=generator)):] = 0
+    position_ids = (attention.cumsum(1) - 1).clamp_min(0)
+    return input_ids, attention, position_ids
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, 3, -1, -2])
+def test_capture_equals_output_hidden_states(seed, tiny_model, layer):
+    model, _ = tiny_model
+    input_ids, attention, position_ids = padded_rollouts(model, torch.Generator().manual_seed(seed))
+    def hooks():  # transformers installs hooks of its own
+        return sum(len(m._forward_hooks) for m in model.modules())
+
+    with torch.no_grad():
+        want = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                     output_hidden_states=True).hidden_states[layer]
+        before = hooks()  # transformers adds its recorders on the first forward that asks for states
+        with plugin.HiddenStateCapture(model, layer=layer) as capture:
+            assert hooks() == before + 1
+            model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids)
+    assert torch.equal(capture.hidden, want)
+    assert hooks() == before, "the hook must be removed on exit"
+
+
+def test_response_states_are_the_states_before_each_response_token(seed, tiny_model):
+    model, _ = tiny_model
+    prompt, response = 7, 9
+    input_ids, attention, position_ids = padded_rollouts(model, torch.Generator().manual_seed(seed), prompt=prompt,
+                                                         response=response)
+    with torch.no_grad(), plugin.HiddenStateCapture(model, layer=-1) as capture:
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids)
+    states = plugin.response_hidden_states(capture.hidden, response)
+    # The state before response token t is the one whose logits give that token's log-prob.
+    torch.testing.assert_close(model.lm_head(states), out.logits[:, -response - 1 : -1], rtol=0, atol=0)
+    for b in range(input_ids.shape[0]):
+        for t in range(response):
+            assert torch.equal(states[b, t], capture.hidden[b, prompt + t - 1])
+
+
+def test_packed_response_states(seed, tiny_model):
+    # verl's remove-padding forward: all sequences in one row, positions restarting per sequence.
+    model, _ = tiny_model
+    generator = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(1, 6, (5,), generator=generator)
+    responses = torch.randint(0, 7, (5,), generator=generator)
+    lengths = prompts + responses
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+    input_ids = torch.randint(0, model.config.vocab_size, (1, int(lengths.sum())), generator=generator)
+    position_ids = torch.cat([torch.arange(int(n)) for n in lengths])[None]
+    with torch.no_grad():
+        want = model(input_ids=input_ids, position_ids=position_ids, output_hidden_states=True).hidden_states[2]
+        with plugin.HiddenStateCapture(model, layer=2) as capture:
+            model(input_ids=input_ids, position_ids=position_ids)
+    assert torch.equal(capture.hidden, want)
+    got = plugin.packed_response_hidden_states(capture.hidden, cu_seqlens, responses)
+    rows = [want[0, int(cu_seqlens[i] + prompts[i] + t - 1)] for i in range(5) for t in range(int(responses[i]))]
+    assert got.shape == (int(responses.sum()), want.shape[-1])
+    if rows:
+        assert torch.equal(got, torch.stack(rows))
+    with pytest.raises(ValueError, match="response_lengths"):
+        plugin.packed_response_hidden_states(capture.hidden, cu_seqlens, lengths)
+
+
+def test_capture_rejects_a_layer_out_of_range(tiny_model):
+    model, _ = tiny_model
+    with pytest.raises(ValueError, match="layer must be in"):
+        plugin.HiddenStateCapture(model, layer=4)
+    with pytest.raises(TypeError, match="layer"):
+        plugin.HiddenStateCapture(model, layer="last")
+
+
+def test_sveb_hista_from_worker_values_equals_the_op(seed, tiny_model):
+    import sveb_kernels as sk
+
+    model, _ = tiny_model
+    response = 9
+    input_ids, attention, position_ids = padded_rollouts(model, torch.Generator().manual_seed(seed), batch=8,
+                                                         response=response)
+    mask = attention[:, -response:].float()
+    scores = torch.randn(8)
+    uid = np.array([f"q{b % 2}" for b in range(8)], dtype=object)  # groups interleaved in the batch
+    # Worker side: the hook in the log-prob forward, values computed there.
+    with torch.no_grad(), plugin.HiddenStateCapture(model, layer=-2) as capture:
+        model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids)
+    states = plugin.response_hidden_states(capture.hidden, response)
+    values = plugin.hista_values_for_rollouts(states, scores, mask, uid, plugin.Options())
+
+    # The op directly on the states before each response token, packed by hand.
+    valid = mask.bool()
+    group = torch.tensor([b % 2 for b in range(8)])
+    rows = [(b, t) for g in range(2) for b in range(8) if group[b] == g for t in range(response) if valid[b, t]]
+    hidden = torch.stack([states[b, t] for b, t in rows])
+    rollout_ids = torch.tensor([b for b, _ in rows], dtype=torch.int32)
+    offsets = torch.tensor([0, sum(1 for b, _ in rows if group[b] == 0), len(rows)])
+    want = sk.hista_values(hidden, scores[rollout_ids.long()], rollout_ids, offsets, temperature=0.1).values
+    got = torch.stack([values[b, t] for b, t in rows])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (values[~valid] == 0).all()
+
+    # Driver side: the values travel as the batch's `values`; sveb_hista turns them into R - V.
+    rewards = torch.zeros(8, response)
+    last = (mask.sum(1).long() - 1).clamp_min(0)
+    rewards[torch.arange(8), last] = scores
+    data = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask, "values": values},
+                               non_tensors={"uid": uid})
+    out = ray_trainer.compute_advantage(data, adv_estimator="sveb_hista", config={"sveb": {"whiten": False}})
+    torch.testing.assert_close(out.batch["advantages"][valid], (scores[:, None] - values)[valid], rtol=0, atol=1e-6)

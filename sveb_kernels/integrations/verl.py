@@ -46,7 +46,9 @@ import torch
 from torch import Tensor
 
 from .. import _checks
+from ..estimators import Hista, Numca, RolloutBatch, advantages_from_values
 from ..gae import gae, masked_whiten
+from ..packing import Packing
 
 ESTIMATORS = ("sveb_gae", "sveb_numca", "sveb_hista")
 CONFIG_KEY = "sveb"
@@ -241,12 +243,41 @@ def _uid(data, estimator: str):
     return data.non_tensor_batch["uid"]
 
 
-def numca_values_for_batch(data, options: Options) -> Tensor:
-    raise NotImplementedError  # built on the estimator interface (sveb_kernels.estimators)
+def numca_values_for_batch(data, options: Optional[Options] = None) -> Tensor:
+    """[B, T] float32 Numca values V(s_t) of the state before each response token, from the batch's
+    `responses`, `response_mask`, `token_level_rewards` (summed per row: the rollout's return) and
+    `uid`; 0 at masked tokens."""
+    options = options or Options()
+    batch = data.batch
+    responses = _required(batch, "responses", "sveb_numca")
+    mask = batch["response_mask"].to(torch.bool)
+    scores = batch["token_level_rewards"].sum(dim=-1)
+    group_index = group_index_from_uid(_uid(data, "sveb_numca")).to(responses.device)
+    # The estimator's cell j is the state *after* token j; a leading pad column makes cell t the
+    # state before response token t (the pad is outside the response, so Numca never reads it).
+    pad = torch.zeros_like(mask[:, :1])
+    token_ids = torch.cat([torch.zeros_like(responses[:, :1]), responses], dim=1)
+    rollouts = RolloutBatch(
+        token_ids, torch.cat([pad, mask], dim=1), group_index, scores,
+        state_mask=torch.cat([mask, pad], dim=1), vocab=_vocab_for(options.tokenizer),
+    )
+    numca = Numca(options.numca.match, leave_one_out=options.numca.leave_one_out,
+                  min_support=options.numca.min_support, backend=options.backend)
+    values = numca.estimate(rollouts)[:, :-1]
+    return values.masked_fill(~mask, 0.0)
 
 
 def _advantages_over_values(values, rewards, mask, options: Options, *, gamma, lam):
-    raise NotImplementedError  # built on the estimator interface (sveb_kernels.estimators)
+    """(advantages, returns): R - V(s_t) or GAE over V as the TRL integration computes them, returns
+    = the unwhitened advantages + V (the value targets), both 0 at masked tokens."""
+    valid = mask.to(torch.bool)
+    values = values.to(torch.float32).masked_fill(~valid, 0.0)
+    advantages = advantages_from_values(values, rewards, valid, mode=options.mode, gamma=gamma, lam=lam,
+                                        whiten=False, backend=options.backend)
+    returns = (advantages + values).masked_fill(~valid, 0.0)
+    if options.whiten:
+        advantages = masked_whiten(advantages, valid).masked_fill(~valid, 0.0)
+    return advantages, returns
 
 
 # ------------------------------------------------------------------------ Hista on the workers
@@ -335,8 +366,31 @@ def packed_response_hidden_states(hidden: Tensor, cu_seqlens: Tensor, response_l
     return hidden[index.to(hidden.device)]
 
 
-def hista_values_for_rollouts(hidden: Tensor, scores: Tensor, response_mask: Tensor, uid, options: Optional[Options] = None) -> Tensor:
-    raise NotImplementedError  # built on the estimator interface (sveb_kernels.estimators)
+def hista_values_for_rollouts(hidden: Tensor, scores: Tensor, response_mask: Tensor, uid,
+                              options: Optional[Options] = None) -> Tensor:
+    """[B, T] float32 Hista values of the states before each response token, computed where the
+    hidden states are (an actor worker), for whole groups: every rollout of a prompt must be in this
+    call (keep uid groups on one rank, or use `sveb_kernels.distributed`).
+
+    Args:
+        hidden: [B, T, D] the state before each response token (`response_hidden_states`).
+        scores: [B] each rollout's return (its summed token-level reward).
+        response_mask: [B, T] the response tokens (0 at padding and masked observation tokens).
+        uid: [B] prompt ids (verl's `non_tensor_batch["uid"]`) or an integer group index tensor.
+    """
+    options = options or Options()
+    _checks.tensor("hidden", hidden, ndim=3)
+    mask = response_mask.to(torch.bool)
+    _checks.tensor("response_mask", mask, shape=tuple(hidden.shape[:2]))
+    group_index = uid if isinstance(uid, Tensor) else group_index_from_uid(uid)
+    device = hidden.device
+    mask, group_index = mask.to(device), group_index.to(device)
+    # Only the state cells (response tokens) are packed: [N, D], the one copy Hista reads.
+    packed = Packing.from_padded(mask, group_index).pack(hidden.detach())
+    rollouts = RolloutBatch(torch.zeros(mask.shape, dtype=torch.int64, device=device), mask, group_index,
+                            scores.detach().to(device), hidden=packed)
+    hista = Hista(options.hista.similarity, options.hista.temperature, backend=options.backend)
+    return hista.estimate(rollouts).masked_fill(~mask, 0.0)
 
 
 # -------------------------------------------------------------------------- the one patch point
