@@ -425,3 +425,78 @@ def test_sveb_hista_from_worker_values_equals_the_op(seed, tiny_model):
                                non_tensors={"uid": uid})
     out = ray_trainer.compute_advantage(data, adv_estimator="sveb_hista", config={"sveb": {"whiten": False}})
     torch.testing.assert_close(out.batch["advantages"][valid], (scores[:, None] - values)[valid], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- sveb_numca in verl's v1 trainer
+class FakeQueue:
+    """The part of TransferQueue's client verl's v1 advantage step uses, in memory: per-sample
+    fields, returned as jagged nested tensors (strings as a NonTensorStack); a field a sample lacks
+    is left out, as the v1 trainer expects for `values` without a critic."""
+
+    class Meta:
+        def __init__(self, keys, partition_id):
+            self.keys, self.partition_id = keys, partition_id
+
+        def __len__(self):
+            return len(self.keys)
+
+    def __init__(self):
+        self.rows = {}
+
+    def kv_batch_get(self, keys, partition_id, select_fields):
+        from tensordict import NonTensorStack, TensorDict
+
+        out = {}
+        for name in select_fields:
+            column = [self.rows[(partition_id, k)].get(name) for k in keys]
+            if any(v is None for v in column):
+                continue
+            out[name] = (NonTensorStack.from_list(column) if isinstance(column[0], str)
+                         else torch.nested.as_nested_tensor(column, layout=torch.jagged))
+        return TensorDict(out, batch_size=len(keys))
+
+    def kv_batch_put(self, keys, partition_id, fields):
+        for name in fields.keys():
+            for key, value in zip(keys, fields[name].unbind()):
+                self.rows.setdefault((partition_id, key), {})[name] = value
+        return self.Meta(keys, partition_id)
+
+
+def test_sveb_numca_in_the_v1_trainer_equals_the_function_level_path(seed, monkeypatch):
+    pytest.importorskip("transfer_queue", reason="verl's v1 trainer needs TransferQueue")
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.v1 import trainer_base
+
+    method = trainer_base.PPOTrainer._compute_advantage
+    assert tuple(inspect.signature(method.__sveb_original__).parameters) == plugin.V1_EXPECTED_PARAMETERS
+
+    data, tokenizer, _ = numca_data(seed)
+    plugin.set_tokenizer(tokenizer)
+    queue = FakeQueue()
+    keys = [f"k{i}" for i in range(len(data))]
+    lengths = data.batch["response_mask"].sum(1).long()
+    for i, key in enumerate(keys):
+        n = int(lengths[i])
+        queue.rows[("train", key)] = {
+            "uid": str(data.non_tensor_batch["uid"][i]), "response_mask": data.batch["response_mask"][i, :n],
+            "responses": data.batch["responses"][i, :n], "rm_scores": data.batch["token_level_rewards"][i, :n]}
+    monkeypatch.setattr(trainer_base, "tq", queue)
+    config = OmegaConf.create({
+        "algorithm": {"adv_estimator": "sveb_numca", "gamma": 1.0, "lam": 1.0, "use_kl_in_reward": False,
+                      "norm_adv_by_std_in_grpo": True, "sveb": {"numca": {"match": "prefix"}}},
+        "actor_rollout_ref": {"rollout": {"n": 4}}})
+    trainer = SimpleNamespace(config=config, use_critic=False)
+    method(trainer, FakeQueue.Meta(keys, "train"), {})
+
+    want = ray_trainer.compute_advantage(make_numca_copy(data), adv_estimator="sveb_numca",
+                                         config={"sveb": {"numca": {"match": "prefix"}}})
+    for i, key in enumerate(keys):
+        n = int(lengths[i])
+        got = queue.rows[("train", key)]
+        torch.testing.assert_close(got["advantages"], want.batch["advantages"][i, :n], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got["returns"], want.batch["returns"][i, :n], rtol=0, atol=1e-6)
+
+    with pytest.raises(ValueError, match="critic.enable=False"):
+        method(SimpleNamespace(config=config, use_critic=True), FakeQueue.Meta(keys, "train"), {})

@@ -59,6 +59,14 @@ REGISTRY_MODULE = "verl.trainer.ppo.core_algos"
 # The signature the wrapper is written against; a verl that changes it is not patched (see `_patch`).
 EXPECTED_PARAMETERS = ("data", "adv_estimator", "gamma", "lam", "num_repeat", "norm_adv_by_std_in_grpo", "config")
 
+# verl's v1 trainer (the default) reads a fixed list of fields from its TransferQueue for the
+# advantage step, without `responses`; for sveb_numca the wrapper of this method computes the values
+# from the queue first and stores them as the rollouts' `values`, which that list includes.
+V1_MODULE = "verl.trainer.ppo.v1.trainer_base"
+V1_CLASS, V1_METHOD = "PPOTrainer", "_compute_advantage"
+V1_EXPECTED_PARAMETERS = ("self", "batch", "metrics")
+V1_NUMCA_FIELDS = ("uid", "response_mask", "responses", "rm_scores")
+
 _MODES = ("r_minus_v", "gae")
 
 
@@ -204,8 +212,11 @@ def compute_sveb_advantage(data, adv_estimator: str, *, gamma: float = 1.0, lam:
                 data, _get(pf_ppo, "reweight_method"), _get(pf_ppo, "weight_pow")
             )
         return data
-    if name == "sveb_numca":
+    if name == "sveb_numca" and "responses" in batch.keys():
         values = numca_values_for_batch(data, options)
+    elif name == "sveb_numca":
+        # verl's v1 trainer: the wrapped PPOTrainer._compute_advantage stored them as `values`.
+        values = _required(batch, "values", name, hint="the rollouts' `responses` are needed for Numca")
     else:
         values = _required(
             batch, "values", name,
@@ -245,13 +256,13 @@ def _uid(data, estimator: str):
 
 def numca_values_for_batch(data, options: Optional[Options] = None) -> Tensor:
     """[B, T] float32 Numca values V(s_t) of the state before each response token, from the batch's
-    `responses`, `response_mask`, `token_level_rewards` (summed per row: the rollout's return) and
-    `uid`; 0 at masked tokens."""
+    `responses`, `response_mask`, `token_level_scores` (else `token_level_rewards`; summed per row:
+    the rollout's return) and `uid`; 0 at masked tokens."""
     options = options or Options()
     batch = data.batch
     responses = _required(batch, "responses", "sveb_numca")
     mask = batch["response_mask"].to(torch.bool)
-    scores = batch["token_level_rewards"].sum(dim=-1)
+    scores = batch["token_level_scores" if "token_level_scores" in batch.keys() else "token_level_rewards"].sum(dim=-1)
     group_index = group_index_from_uid(_uid(data, "sveb_numca")).to(responses.device)
     # The estimator's cell j is the state *after* token j; a leading pad column makes cell t the
     # state before response token t (the pad is outside the response, so Numca never reads it).
@@ -453,12 +464,65 @@ def _patch(ray_trainer) -> None:
     setattr(ray_trainer, PATCHED_FUNCTION, wrap_compute_advantage(current))
 
 
+def wrap_v1_compute_advantage(original: Callable) -> Callable:
+    """verl v1's `PPOTrainer._compute_advantage`, first storing Numca values as `values` for sveb_numca."""
+
+    @functools.wraps(original)
+    def _compute_advantage(self, batch, metrics):
+        if _estimator_name(self.config.algorithm.adv_estimator) == "sveb_numca":
+            put_numca_values_v1(self, batch)
+        return original(self, batch, metrics)
+
+    _compute_advantage.__sveb_original__ = original
+    return _compute_advantage
+
+
+def put_numca_values_v1(trainer, batch) -> None:
+    """Reads the rollouts of `batch` (a KVBatchMeta) from verl's TransferQueue, computes their Numca
+    values on the driver and writes them back as the field `values` (response-length, nested)."""
+    from tensordict import TensorDict
+    from verl import DataProto
+    from verl.workers.utils.padding import response_to_nested
+
+    if getattr(trainer, "use_critic", False):
+        raise ValueError("sveb_numca stores its values where the critic's go: set critic.enable=False")
+    tq = sys.modules[V1_MODULE].tq  # the queue client the trainer itself uses
+    fields = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=list(V1_NUMCA_FIELDS))
+    response_mask = fields["response_mask"]
+    data = DataProto(batch=fields.to_padded_tensor())  # as the trainer's own advantage step does
+    data.non_tensor_batch["uid"] = np.array(data.batch.pop("uid").tolist(), dtype=object)
+    data.batch["token_level_scores"] = data.batch["rm_scores"]
+    values = numca_values_for_batch(data, Options.from_config(trainer.config.algorithm))
+    tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id,
+                    fields=TensorDict({"values": response_to_nested(values, response_mask)}, batch_size=len(batch)))
+
+
+def _patch_v1(trainer_base) -> None:
+    cls = getattr(trainer_base, V1_CLASS, None)
+    current = getattr(cls, V1_METHOD, None) if cls is not None else None
+    if current is None:
+        problem = f"{V1_MODULE} has no {V1_CLASS}.{V1_METHOD} (verl {_verl_version()})"
+    elif getattr(current, "__sveb_original__", None) is not None:
+        return
+    else:
+        got = tuple(inspect.signature(inspect.unwrap(current)).parameters)
+        problem = None if got == V1_EXPECTED_PARAMETERS else (
+            f"{V1_MODULE}.{V1_CLASS}.{V1_METHOD} has parameters {got}, expected {V1_EXPECTED_PARAMETERS}")
+    if problem is not None:
+        _state.v1_error = problem
+        warnings.warn(f"sveb_kernels verl plugin: sveb_numca unavailable in verl's v1 trainer: {problem}",
+                      RuntimeWarning, stacklevel=2)
+        return
+    setattr(cls, V1_METHOD, wrap_v1_compute_advantage(current))
+
+
 def _verl_version() -> str:
     return getattr(sys.modules.get("verl"), "__version__", "?")
 
 
 class _State:
     patch_error: Optional[str] = None
+    v1_error: Optional[str] = None
     finder: Optional["_AfterImport"] = None
 
 
@@ -502,8 +566,9 @@ class _LoaderThenCall(importlib.abc.Loader):
 
 def _install_patches() -> None:
     """The single place where verl is modified (idempotent): register the names in verl's estimator
-    registry and wrap `ray_trainer.compute_advantage`, each as soon as its module is imported."""
-    callbacks = {REGISTRY_MODULE: _register, PATCHED_MODULE: _patch}
+    registry, wrap `ray_trainer.compute_advantage` and (for sveb_numca) the v1 trainer's
+    `PPOTrainer._compute_advantage`, each as soon as its module is imported."""
+    callbacks = {REGISTRY_MODULE: _register, PATCHED_MODULE: _patch, V1_MODULE: _patch_v1}
     for name, callback in callbacks.items():
         if name in sys.modules:
             callback(sys.modules[name])
