@@ -500,3 +500,46 @@ def test_sveb_numca_in_the_v1_trainer_equals_the_function_level_path(seed, monke
 
     with pytest.raises(ValueError, match="critic.enable=False"):
         method(SimpleNamespace(config=config, use_critic=True), FakeQueue.Meta(keys, "train"), {})
+
+
+# ----------------------------------------------------------------------------- the GPU recipe's config
+def recipe_overrides(estimator):
+    """The Hydra overrides examples/verl_gsm8k.sh passes to verl for `estimator`, as the shell would."""
+    import pathlib
+    import re
+    import shlex
+
+    script = (pathlib.Path(__file__).resolve().parent.parent / "examples" / "verl_gsm8k.sh").read_text()
+    extras = {}
+    for names, body in re.findall(r"^\s+([\w|]+)\)\s+EXTRA=\((.*?)\) ;;", script, re.M | re.S):
+        for name in names.split("|"):
+            extras[name] = shlex.split(body)
+    block = script.split("# BEGIN verl overrides")[1].split("# END verl overrides")[0]
+    words = shlex.split(block.split("\n", 1)[1].replace("\\\n", " "))
+    assert words[:3] == ["python3", "-m", "verl.trainer.main_ppo"], words[:3]
+    variables = {"$DATA": "/data/gsm8k", "$MODEL": "Qwen/Qwen2.5-0.5B-Instruct", "$GPUS": "1", "$STEPS": "20",
+                 "$ESTIMATOR": estimator}
+    out = []
+    for word in words[3:]:
+        if word == "${EXTRA[@]}":
+            out.extend(w.replace("$MODEL", variables["$MODEL"]) for w in extras[estimator])
+            continue
+        for name, value in variables.items():
+            word = word.replace(name, value)
+        out.append(word)
+    return out
+
+
+@pytest.mark.parametrize("estimator", ["sveb_numca", "sveb_gae"])
+def test_gpu_recipe_overrides_compose_with_verls_config(estimator):
+    from hydra import compose, initialize_config_dir
+
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        config = compose(config_name="ppo_trainer", overrides=recipe_overrides(estimator))
+    assert config.algorithm.adv_estimator == estimator and config.trainer.use_v1
+    options = plugin.Options.from_config(config.algorithm)
+    if estimator == "sveb_numca":
+        assert options.tokenizer == config.actor_rollout_ref.model.path
+    else:
+        assert config.critic.enable

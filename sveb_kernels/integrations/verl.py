@@ -24,10 +24,18 @@ verl internals this module touches, all through `_install_patches` below and che
   function unchanged; verl's v1 trainer imports it by name afterwards and gets the wrapper);
 - `verl.trainer.ppo.core_algos.register_adv_est` (public API: the three names are registered so a
   direct registry look-up gives a clear message instead of "unknown estimator");
+- `verl.trainer.ppo.v1.trainer_base.PPOTrainer._compute_advantage` (wrapped, once, the same way):
+  for `sveb_numca` it first reads `uid`, `response_mask`, `responses`, `rm_scores` from the
+  trainer's TransferQueue client (`trainer_base.tq`), and writes the Numca values back as the field
+  `values` (with `verl.workers.utils.padding.response_to_nested`), which verl's own advantage step
+  then reads; other estimators pass straight through;
 - `verl.trainer.ppo.core_algos.compute_pf_ppo_reweight_data` when `algorithm.use_pf_ppo` is set
   with `sveb_gae`, exactly as verl's GAE branch does;
-- the batch keys `token_level_rewards`, `response_mask`, `values`, `responses`,
-  `attention_mask`, non-tensor `uid`, and the outputs `advantages`, `returns`.
+- the batch keys `token_level_rewards`, `token_level_scores`, `response_mask`, `values`,
+  `responses`, `attention_mask`, non-tensor `uid`, and the outputs `advantages`, `returns`.
+Both wrapped functions are checked for the parameters the wrappers are written against; a verl
+that changed them is not patched (a RuntimeWarning says why, the sveb names then raise), and the
+tests fail.
 """
 
 from __future__ import annotations
