@@ -543,3 +543,8 @@ def test_gpu_recipe_overrides_compose_with_verls_config(estimator):
         assert options.tokenizer == config.actor_rollout_ref.model.path
     else:
         assert config.critic.enable
+
+
+def test_options_reject_a_scalar_where_a_section_belongs():
+    with pytest.raises(TypeError, match="algorithm.sveb.numca must be a mapping"):
+        plugin.Options.from_config({"sveb": {"numca": "prefix"}})

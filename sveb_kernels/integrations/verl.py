@@ -47,14 +47,14 @@ import inspect
 import sys
 import warnings
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .. import _checks
-from ..estimators import Hista, Numca, RolloutBatch, advantages_from_values
+from ..estimators import ADVANTAGE_MODES, Hista, Numca, RolloutBatch, advantages_from_values
 from ..gae import gae, masked_whiten
 from ..packing import Packing
 
@@ -74,8 +74,6 @@ V1_MODULE = "verl.trainer.ppo.v1.trainer_base"
 V1_CLASS, V1_METHOD = "PPOTrainer", "_compute_advantage"
 V1_EXPECTED_PARAMETERS = ("self", "batch", "metrics")
 V1_NUMCA_FIELDS = ("uid", "response_mask", "responses", "rm_scores")
-
-_MODES = ("r_minus_v", "gae")
 
 
 # --------------------------------------------------------------------------------------- options
@@ -121,8 +119,8 @@ class Options:
         if not isinstance(raw, dict):
             raise TypeError(f"algorithm.{CONFIG_KEY} must be a mapping, got {type(raw).__name__}")
         options = _dataclass_from(cls, raw, f"algorithm.{CONFIG_KEY}")
-        if options.mode not in _MODES:
-            raise ValueError(f"algorithm.{CONFIG_KEY}.mode must be one of {_MODES}, got {options.mode!r}")
+        if options.mode not in ADVANTAGE_MODES:
+            raise ValueError(f"algorithm.{CONFIG_KEY}.mode must be one of {ADVANTAGE_MODES}, got {options.mode!r}")
         return options
 
 
@@ -154,7 +152,9 @@ def _dataclass_from(cls, raw: dict, where: str):
     kwargs = {}
     for name, value in raw.items():
         sub = known[name].default_factory if known[name].default_factory is not MISSING else None
-        if sub is not None and isinstance(value, dict):
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise TypeError(f"{where}.{name} must be a mapping, got {type(value).__name__}")
             kwargs[name] = _dataclass_from(sub, value, f"{where}.{name}")
         else:
             kwargs[name] = value
