@@ -1,6 +1,6 @@
 """Issue 3 benchmark: Numca's numeric_spans against what trainers do today, side by side in one run.
 
-    baseline     tokenizer decode of every token (one Rust batch call), Python `re` with the SPEC
+    baseline     tokenizer decode of every token (one Rust batch call), Python `re` with the docs/CONTRACT.md §2b
                  regex over each row's text, bisect to map matches back to tokens, the canonical
                  form and float() in Python (a Python hash() as the key: the cheapest identity)
     reference    sveb_kernels.numeric_spans(backend="reference") on the batch's device

@@ -1,7 +1,7 @@
-// Numeric spans (SPEC 2b) as one kernel: one thread per row walks the row's class stream
+// Numeric spans (docs/CONTRACT.md §2b) as one kernel: one thread per row walks the row's class stream
 // (sveb_kernels/numca/vocab.py: 4-bit byte classes per token, 16 to an int64 word) from left to right.
 //
-// The walk applies the closed form of the SPEC regex that reference.py and triton.py use: a forward
+// The walk applies the closed form of the §2b regex that reference.py and triton.py use: a forward
 // automaton (FWD_*: what the text so far means for a digit that follows) and, at each class, the
 // backward automaton's state of the text from there on (BWD_*). The backward state never depends on
 // more than 5 classes (",ddd" + a non-digit is the longest pattern it tells), so it is recomputed
@@ -13,7 +13,7 @@
 //
 // Values: M * 10^E with M the first 19 significant digits. One correctly rounded IEEE operation when
 // M <= 2^53 and |E| <= 22 (nothing was cut then), as in the reference; otherwise M and 10^|E| as
-// double-doubles, within 1 ulp of float(canonical string) (SPEC 2b allows 1 ulp for kernels).
+// double-doubles, within 1 ulp of float(canonical string) (docs/CONTRACT.md §2b allows 1 ulp for kernels).
 //
 // Simple on purpose (correctness first, issue 5): one thread per row reads every class of the row,
 // digit-free tokens included; the Triton kernel's parallel automaton scans are the faster design.

@@ -1,4 +1,4 @@
-// Numca milestone values (SPEC 2c) as one kernel: one CTA per row, its threads over the row's tokens
+// Numca milestone values (docs/CONTRACT.md §2c) as one kernel: one CTA per row, its threads over the row's tokens
 // in chunks of kThreads, the design of the Triton kernel (sveb_kernels/numca/triton.py).
 //
 // The host (numca_values.cu) sorts the rows by group, so a row's peers are the range lo..hi of that

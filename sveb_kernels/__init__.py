@@ -1,6 +1,6 @@
 """sveb_kernels: fused kernels for state-value estimation in LLM reinforcement learning.
 
-Public API only; see ../README.md and the SPEC for the contract of each op.
+Public API only; see ../README.md and ../docs/CONTRACT.md for the contract of each op.
 """
 
 from ._backend import available_backends

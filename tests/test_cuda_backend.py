@@ -218,7 +218,7 @@ def cuda_hista(hidden, returns, rollout_ids, offsets, *, temperature=0.1, simila
 
 def dense_hista_fp64(hidden, returns, rollout_ids, offsets, *, temperature=0.1, similarity="cosine", key_mask=None,
                      key_bias=None, empty_value=0.0):
-    """The SPEC formula with an [N, N] float64 score matrix on the GPU: an oracle for sizes the loop
+    """The §1 formula with an [N, N] float64 score matrix on the GPU: an oracle for sizes the loop
     oracle is too slow for (tests only; the kernels never build [N, N])."""
     device = "cuda"
     h = hidden.to(device, torch.float64)
@@ -267,7 +267,7 @@ def test_hista_matches_loop_oracle(seed, dtype, similarity):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
 def test_hista_low_precision_within_twice_plain_pytorch_error(seed, dtype, similarity):
-    """SPEC 1 for 16-bit inputs, stated as in test_hista.py."""
+    """docs/CONTRACT.md §1 for 16-bit inputs, stated as in test_hista.py."""
     d = 129
     hidden, returns, rollout_ids, offsets = make_batch(random_groups(4, 6, 15), d, dtype=dtype)
     temperature = 0.1 if similarity == "cosine" else float(d)

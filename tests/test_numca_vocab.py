@@ -1,4 +1,4 @@
-"""NumericVocab (SPEC 2a): each token's bytes are what the tokenizer's own decode produces."""
+"""NumericVocab (docs/CONTRACT.md §2a): each token's bytes are what the tokenizer's own decode produces."""
 
 import random
 import re

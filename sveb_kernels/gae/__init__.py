@@ -1,4 +1,4 @@
-"""GAE: generalised advantage estimation as one fused scan (SPEC section 3), and `masked_whiten`.
+"""GAE: generalised advantage estimation as one fused scan (docs/CONTRACT.md §3), and `masked_whiten`.
 
 Exactly the recurrence LLM RL trainers (verl, TRL, OpenRLHF) run as a Python loop over tokens,
 masked positions skipped:
@@ -45,7 +45,7 @@ def gae(
     *,
     validate: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Advantages and returns by the SPEC 3 recurrence, computed as a parallel scan.
+    """Advantages and returns by the docs/CONTRACT.md §3 recurrence, computed as a parallel scan.
 
     Args:
         rewards: [B, T] float, per-token rewards (outcome reward usually on the last valid token).

@@ -8,9 +8,9 @@ the batch's states are scored. Any callable `fn(batch) -> [B, L]` works too (`as
     rloo            leave-one-out mean: the mean return of the *other* rollouts of the prompt
     critic          a linear value head (ridge regression) on the model's hidden states, fit to the
                     rollouts' returns on the train split: the PPO critic's stand-in
-    numca_last/prefix   Numca (SPEC 2) through sveb_kernels.numca: peers that wrote the same last
+    numca_last/prefix   Numca (docs/CONTRACT.md §2) through sveb_kernels.numca: peers that wrote the same last
                     number / the same sequence of numbers
-    hista_cos/dot   Hista (SPEC 1) through sveb_kernels.hista_values: returns of the other rollouts'
+    hista_cos/dot   Hista (docs/CONTRACT.md §1) through sveb_kernels.hista_values: returns of the other rollouts'
                     tokens weighted by hidden-state similarity, at a given temperature
 """
 

@@ -1,4 +1,4 @@
-"""The Triton GAE kernel against the float64 trainer loop (tests/oracles.py), SPEC 3 accuracy bound.
+"""The Triton GAE kernel against the float64 trainer loop (tests/oracles.py), docs/CONTRACT.md §3 accuracy bound.
 
 Without a GPU: CPU tensors under TRITON_INTERPRET=1; on a GPU machine the same cases run compiled,
 and the tests marked `gpu` add the real sizes (T = 32k rows, B = 64).
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(
 
 
 def check(rewards, values, mask, gamma, lam, block_t=None):
-    """Runs the triton backend on DEVICE and compares with the loop within SPEC's bound."""
+    """Runs the triton backend on DEVICE and compares with the loop within the §3 bound."""
     args = [t.to(DEVICE) for t in (rewards, values, mask)]
     if block_t is None:
         adv, ret = sk.gae(*args, gamma, lam, backend="triton")
