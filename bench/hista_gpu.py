@@ -195,11 +195,11 @@ def gae_section(args, env, device, rows, table):
     for shape in [s for s in args.gae.split(",") if s.strip()]:
         batch, length = (int(x) for x in shape.lower().split("x"))
         case = cases.gae_case(batch, length, device)
-        inputs = (case.rewards, case.values, case.mask, 1.0, 0.95)
+        inputs, options = (case.rewards, case.values, case.mask), dict(gamma=1.0, lam=0.95)
         loop_ms, truth = None, None
-        for impl, fn in (("per-token loop", lambda: baselines.gae_loop(*inputs)),
-                         ("reference", lambda: sk.gae(*inputs, backend="reference")),
-                         ("triton", lambda: sk.gae(*inputs, backend="triton"))):
+        for impl, fn in (("per-token loop", lambda: baselines.gae_loop(*inputs, **options)),
+                         ("reference", lambda: sk.gae(*inputs, **options, backend="reference")),
+                         ("triton", lambda: sk.gae(*inputs, **options, backend="triton"))):
             result, ms, peak, note = run_timed(fn, device, args)
             if impl == "per-token loop":
                 loop_ms = ms

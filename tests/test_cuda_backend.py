@@ -482,8 +482,8 @@ def test_gae_agrees_with_other_backends(seed, other):
     if not backend_available("gae", other):
         pytest.skip(f"{other} backend unavailable: {_backend.why_unavailable('gae', other, 'cuda')}")
     rewards, values, mask = on_gpu(torch.randn(64, 4096), torch.randn(64, 4096), random_mask(64, 4096))
-    ours = sk.gae(rewards, values, mask, 0.99, 0.95, backend="cuda")
-    theirs = sk.gae(rewards, values, mask, 0.99, 0.95, backend=other)
+    ours = sk.gae(rewards, values, mask, gamma=0.99, lam=0.95, backend="cuda")
+    theirs = sk.gae(rewards, values, mask, gamma=0.99, lam=0.95, backend=other)
     bound = 2e-5 * (1 + float(theirs[0].abs().max())) * math.log2(4096 + 1)
     for a, b in zip(ours, theirs):
         assert float((a - b).abs().max()) <= bound
@@ -495,7 +495,7 @@ def test_gae_public_op_compiles_and_passes_opcheck(seed):
     torch.library.opcheck(torch.ops.sveb.gae.default, [rewards, values, mask, 0.9, 0.95, "cuda"])
 
     def f(rewards, values, mask):
-        adv, ret = sk.gae(rewards, values, mask, 1.0, 0.95, backend="cuda")
+        adv, ret = sk.gae(rewards, values, mask, gamma=1.0, lam=0.95, backend="cuda")
         return adv * mask, ret
 
     for a, b in zip(torch.compile(f, fullgraph=True)(rewards, values, mask), f(rewards, values, mask)):

@@ -166,17 +166,17 @@ def _hista_rows(config: Config, dtype: torch.dtype, ceilings: dict, progress: _P
 def _gae_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row]:
     batch, length = config.gae_shape
     case = cases.gae_case(batch, length, config.device)
-    args = (case.rewards, case.values, case.mask, 1.0, 0.95)
-    reference = gae(*args, backend="reference")[0]
+    args, options = (case.rewards, case.values, case.mask), dict(gamma=1.0, lam=0.95)
+    reference = gae(*args, **options, backend="reference")[0]
     bound = 1e-5 * (1 + float(reference.abs().max())) * math.log2(length + 1)
 
     def compare(result, expected):
         diff = float((result[0] - expected).abs().max())
         return diff, diff <= bound
 
-    variants = [("per-token loop", lambda: baselines.gae_loop(*args), True)]
+    variants = [("per-token loop", lambda: baselines.gae_loop(*args, **options), True)]
     for backend in _backend.available_backends(config.device)["gae"]:
-        variants.append((backend, lambda b=backend: gae(*args, backend=b), True))
+        variants.append((backend, lambda b=backend: gae(*args, **options, backend=b), True))
     work = _Work(case.bytes_moved, "GB/s", 1e9, ceilings["copy_bytes_per_s"])
     return _measure_variants("gae", case.label, variants, config, progress, reference, compare, work)
 

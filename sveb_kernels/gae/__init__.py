@@ -39,10 +39,10 @@ def gae(
     rewards: Tensor,
     values: Tensor,
     mask: Tensor,
+    *,
     gamma: float = 1.0,
     lam: float = 1.0,
     backend: str = "auto",
-    *,
     validate: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
     """Advantages and returns by the docs/CONTRACT.md §3 recurrence, computed as a parallel scan.
@@ -74,7 +74,7 @@ def gae(
     return _ops.gae(rewards.detach(), values.detach(), mask, gamma, lam, backend)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """(x - mean) / sqrt(var + eps) over the positions where mask is nonzero (the usual PPO advantage
     normalisation): masked mean, unbiased masked variance. Like verl/TRL, every position of the
     result is whitened, masked ones included. With shift_mean=False the mean is added back.

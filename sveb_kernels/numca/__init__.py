@@ -113,8 +113,8 @@ def numeric_spans(
     token_ids: Tensor,
     vocab: Union[NumericVocab, Tensor],
     mask: Optional[Tensor] = None,
-    backend: str = "auto",
     *,
+    backend: str = "auto",
     validate: Optional[bool] = None,
 ) -> NumericSpans:
     """Numbers in each row's text, reported at the token holding their last byte (docs/CONTRACT.md §2b).
