@@ -35,9 +35,9 @@ import torch
 
 import sveb_kernels as sk
 from sveb_kernels.benchmark import baselines, cases, timing
-from sveb_kernels.benchmark.report import environment
+from sveb_kernels.benchmark.report import environment, user_results_dir
 
-DEFAULT_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hista_gpu.csv")
+DEFAULT_CSV = os.path.join(user_results_dir(), "hista_gpu.csv")  # curated results in bench/results/ are copied by hand
 FIELDS = ["timestamp", "device_name", "torch", "cuda", "triton", "commit", "section", "impl", "dtype", "groups",
           "rollouts", "tokens_per_group", "hidden", "median_ms", "tflops", "pct_matmul", "matmul_tflops",
           "speedup_vs_baseline", "peak_mib", "max_abs_diff", "note", "config"]
