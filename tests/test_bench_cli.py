@@ -104,6 +104,8 @@ def test_table_flags_noise_and_keeps_the_whole_case():
     # 4 threads reaching only 1.2x one thread's matmul rate: the cores are busy
     assert any("--threads 1" in w for w in report.noise_warnings(_report([1.0], one_thread=1e11 / 1.2), ENV))
     assert any("load average" in w for w in report.noise_warnings(quiet, {**ENV, "load_average": 9.0}))
+    quiet.rows[0].pct_of_ceiling = 183.0
+    assert any("exceed 100% of the ceiling" in w for w in report.noise_warnings(quiet, ENV))
 
 
 def test_default_cpu_threads_leave_busy_cores_alone(monkeypatch):

@@ -69,6 +69,10 @@ def noise_warnings(report: Report, env: dict) -> list[str]:
     if after and max(before, after) > 1.3 * min(before, after):
         warnings.append(f"the matmul ceiling moved from {before / 1e12:.3g} to {after / 1e12:.3g} TFLOP/s during "
                         "the run: the machine's speed changed (other processes, clocks)")
+    over = [r for r in report.rows if r.pct_of_ceiling is not None and r.pct_of_ceiling > 100]
+    if over:
+        warnings.append(f"{len(over)} rows exceed 100% of the ceiling: the ceiling was measured while the "
+                        "machine was slower than during those rows")
     one, threads = c.get("matmul_flops_per_s_1thread"), env.get("threads") or 1
     if one and before < 0.5 * threads * one:
         warnings.append(f"{threads} threads reach {before / one:.1f}x the matmul rate of one thread (ideal "
