@@ -53,3 +53,10 @@ def test_algorithm_docstrings_point_to_the_contract(module):
     import importlib
 
     assert "docs/CONTRACT.md §" in importlib.import_module(module).__doc__
+
+
+def test_setup_section_says_what_pip_compiles_and_how_to_skip_it():
+    readme = (ROOT / "README.md").read_text()
+    setup_section = readme.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    assert "SVEB_SKIP_CUDA_BUILD=1" in setup_section and "minutes" in setup_section
+    assert "SVEB_SKIP_CUDA_BUILD=1 skips it" in (ROOT / "setup.py").read_text()  # said in the build output too
