@@ -286,6 +286,117 @@ def test_numca_kernel_long_and_extreme_numbers(emulator, tmp_path, seed):
     assert int(got.end.sum()) == len(forms)
 
 
+SPANS_CHUNK = 256  # tokens per chunk of the numeric_spans kernel (csrc/numca_kernel.cuh: kThreads)
+EMPTY = MIXED_PIECES.index(b"")  # a zero-length token: no class at all
+
+
+def mixed_ids(text):
+    """One MIXED token per character."""
+    return [ord(ch) for ch in text]
+
+
+def test_numca_kernel_numbers_across_chunk_boundaries(emulator, tmp_path, seed):
+    """Every form the grammar knows, placed so that a chunk boundary falls at each of its positions:
+    the forward state, the backward state (from the next chunk's scan) and the latest start must all
+    carry from one chunk into the next; B = 1 and odd lengths on the way."""
+    rng = random.Random(seed)
+    forms = ["-12,345.670", "1,234,567", "x1,234", "1,2345", "-0.0", "3.", "a-7", "--5", "4.5.6", "12,34,567",
+             "007,000.1", "-1,000,000"]
+    rows = []
+    for form in rng.sample(forms, 6):
+        text = f" {form} "
+        for cut in range(1, len(text)):  # the boundary falls just before text[cut]
+            fill = "".join(rng.choice("ab ,.-_") for _ in range(SPANS_CHUNK - cut))
+            rows.append(mixed_ids(fill + text))
+    length = max(map(len, rows)) + rng.randint(0, 40)
+    ids = torch.tensor([r + [ord(" ")] * (length - len(r)) for r in rows])
+    got = emulated_spans(emulator, tmp_path / "batch", ids, MIXED.table)
+    assert_spans_equal(got, numeric_spans_oracle(mixed_decode, ids, set()), ids, value_ulps=1)
+    # one row alone, its number cut by a boundary between chunks 2 and 3 (int32 ids)
+    one = ids[rng.randrange(ids.shape[0])][None, :]
+    one = torch.cat([torch.full((1, 2 * SPANS_CHUNK), ord("z")), one], dim=1).int()
+    got = emulated_spans(emulator, tmp_path / "one", one, MIXED.table)
+    assert_spans_equal(got, numeric_spans_oracle(mixed_decode, one, set()), one, value_ulps=1)
+
+
+def test_numca_kernel_backward_carry_through_nearly_empty_chunks(emulator, tmp_path, seed):
+    """The backward state entering a chunk needs the chunks after it until 5 classes have been read:
+    chunks of zero-length tokens (and a few digits) between a number's parts, a number running over
+    three chunks, a '-' at a chunk's end whose digits come two chunks later."""
+    rng = random.Random(seed)
+    n = SPANS_CHUNK
+
+    def row(*parts):  # (position, text) pairs over zero-length tokens
+        out = [EMPTY] * (4 * n + 7)
+        for at, text in parts:
+            out[at:at + len(text)] = mixed_ids(text)
+        return out
+
+    rows = [
+        row((n - 4, " 1,23"), (3 * n + 2, "4 ")),            # "1,234" across two empty chunks
+        row((n - 4, " 1,23"), (2 * n + 9, "4"), (3 * n, "5 ")),  # "1,2345": not a group
+        row((n - 4, " 1,23"), (2 * n + 9, "4"), (3 * n, ".5 ")),  # "1,234.5"
+        row((n - 2, " -"), (3 * n + 1, "9,000 ")),           # a sign, digits two chunks later
+        row((5, " 1"), (n + 200, "2"), (2 * n + 100, "3"), (3 * n + 50, ".0 ")),  # "123.0" over 4 chunks
+        row((n - 3, "x1"), (2 * n + 1, "2 ")),               # "x12": no number
+    ]
+    sparse = [[EMPTY if rng.random() < 0.97 else rng.choice(mixed_ids("0123456789,.-a ") + [257, 258, 261])
+               for _ in range(4 * n + 7)] for _ in range(3)]
+    ids = torch.tensor(rows + sparse)
+    mask = torch.ones(ids.shape, dtype=torch.bool)
+    mask[-1, rng.randrange(ids.shape[1])] = False
+    got = emulated_spans(emulator, tmp_path, ids, MIXED.table, mask)
+    want = numeric_spans_oracle(mixed_decode, ids, set(), mask)
+    assert_spans_equal(got, want, ids, value_ulps=1)
+    assert [sum(r) for r in want[0][:6]] == [1, 2, 1, 1, 1, 0]  # the rows test what they say they do
+
+
+def test_numca_kernel_dense_long_rows_odd_sizes(emulator, tmp_path, seed):
+    """Dense grammar over several chunks, odd batch and length, masked holes, int32 ids."""
+    rng = random.Random(seed)
+    ids = dense_random_ids(rng, 3, rng.randint(2 * SPANS_CHUNK + 1, 4 * SPANS_CHUNK - 1))
+    mask = torch.rand(ids.shape) > 0.03
+    got = emulated_spans(emulator, tmp_path, ids.int(), MIXED.table, mask)
+    assert_spans_equal(got, numeric_spans_oracle(mixed_decode, ids, set(), mask), ids, value_ulps=1)
+
+
+BARRIERS = {  # the barriers of the spans kernel's scans, by their comments
+    "stores before reads": "__syncthreads();  // the warp totals are stored before any thread reads them",
+    "reads before the next stores": "__syncthreads();  // every thread has read them before the next scan stores again",
+}
+
+
+@pytest.mark.parametrize("barrier", list(BARRIERS))
+def test_emulator_catches_a_missing_barrier_in_the_spans_kernel(emulator, tmp_path, barrier):
+    """Remove one barrier from a copy of the kernel: the emulator's shared-memory check must fail the
+    run, whatever the OS threads' interleaving (the check counts barriers, it does not time them)."""
+    source = (ROOT / "csrc" / "numca_kernel.cuh").read_text()
+    line = BARRIERS[barrier]
+    assert source.count(line) == 1, "the barrier to remove is not in the kernel any more"
+    mutant_dir = tmp_path / "mutant"
+    mutant_dir.mkdir()
+    (mutant_dir / "numca_kernel.cuh").write_text(source.replace(line, ""))
+    exe = tmp_path / "emulate_mutant"
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", f"-I{mutant_dir}", f"-I{ROOT / 'csrc'}", f"-I{EMULATION}",
+           str(EMULATION / "emulate.cpp"), "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ids = torch.tensor([mixed_ids(" 12 -3.5 x1,000 ") * 40])
+    directory = tmp_path / "run"
+    directory.mkdir()
+    ids.numpy().tofile(directory / "ids.bin")
+    MIXED.table.contiguous().numpy().tofile(directory / "table.bin")
+    params = dict(batch=1, length=ids.shape[1], vocab=MIXED.table.shape[0], cols=MIXED.table.shape[1], id_bytes=8,
+                  has_mask=0)
+    (directory / "params.txt").write_text("".join(f"{k} {v!r}\n" for k, v in params.items()))
+    for kernel_exe in (emulator, exe):  # the intact kernel passes the same run
+        proc = subprocess.run([str(kernel_exe), "numca", str(directory)], capture_output=True, text=True, timeout=300)
+        if kernel_exe is emulator:
+            assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode != 0 and "shared memory race" in proc.stderr, proc.stderr[-2000:]
+
+
 # ---- Numca numca_values ----------------------------------------------------------------------------
 VALUES_CHUNK = 256  # tokens per chunk of the numca_values kernel (csrc/numca_values_kernel.cuh: kThreads)
 PREFIX_MULTIPLIERS = (0x9E3779B97F4A7C15 - (1 << 64), 0xC2B2AE3D27D4EB4F - (1 << 64))  # csrc/numca_values.cu
