@@ -1,6 +1,6 @@
 """The CUDA kernels of csrc/ executed on the CPU (tests/cuda_emulation/: one OS thread per CUDA
 thread), against the float64 oracles: tiling, group and rollout masking, key splits, the cp.async
-pipeline, the GAE scans and the Numca span walk are checked on machines without a GPU.
+pipeline, the GAE scans, the Numca span scans and their barriers are checked on machines without a GPU.
 
 The emulator runs the kernel source itself (csrc/*_kernel.cuh, compiled by the host C++ compiler);
 what it cannot vouch for (the PTX fragment layouts, timing, the hardware) is left to the GPU tests in
