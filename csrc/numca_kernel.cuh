@@ -33,12 +33,14 @@
 // double-doubles, within 1 ulp of float(canonical string) (the contract allows 1 ulp for kernels).
 //
 // Device code only (host code: numca.cu); builds with a host compiler under SVEB_CPU_EMULATION
-// for the CPU tests in tests/cuda_emulation/, where SharedArray checks every shared-memory access
-// for races between barriers.
+// for the CPU tests in tests/cuda_emulation/, where SharedArray (shared_array.cuh) checks every
+// shared-memory access for races between barriers.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+
+#include "shared_array.cuh"
 
 namespace sveb {
 namespace numca_kernels {
@@ -253,18 +255,6 @@ struct NumberBuilder {
     if (key == 0) key = 1;
   }
 };
-
-// ---- shared memory ---------------------------------------------------------------------------------
-#ifdef SVEB_CPU_EMULATION
-template <class T, int N>
-using SharedArray = emu::CheckedShared<T, N>;  // every access checked against the barriers
-#else
-template <class T, int N>
-struct SharedArray {
-  T data[N];
-  __device__ __forceinline__ T& operator[](int i) { return data[i]; }
-};
-#endif
 
 // ---- transition maps -------------------------------------------------------------------------------
 __device__ __forceinline__ int fwd_apply(uint64_t map, int s) { return static_cast<int>((map >> (4 * s)) & 15u); }

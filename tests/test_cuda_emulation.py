@@ -360,43 +360,6 @@ def test_numca_kernel_dense_long_rows_odd_sizes(emulator, tmp_path, seed):
     assert_spans_equal(got, numeric_spans_oracle(mixed_decode, ids, set(), mask), ids, value_ulps=1)
 
 
-BARRIERS = {  # the barriers of the spans kernel's scans, by their comments
-    "stores before reads": "__syncthreads();  // the warp totals are stored before any thread reads them",
-    "reads before the next stores": "__syncthreads();  // every thread has read them before the next scan stores again",
-}
-
-
-@pytest.mark.parametrize("barrier", list(BARRIERS))
-def test_emulator_catches_a_missing_barrier_in_the_spans_kernel(emulator, tmp_path, barrier):
-    """Remove one barrier from a copy of the kernel: the emulator's shared-memory check must fail the
-    run, whatever the OS threads' interleaving (the check counts barriers, it does not time them)."""
-    source = (ROOT / "csrc" / "numca_kernel.cuh").read_text()
-    line = BARRIERS[barrier]
-    assert source.count(line) == 1, "the barrier to remove is not in the kernel any more"
-    mutant_dir = tmp_path / "mutant"
-    mutant_dir.mkdir()
-    (mutant_dir / "numca_kernel.cuh").write_text(source.replace(line, ""))
-    exe = tmp_path / "emulate_mutant"
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", f"-I{mutant_dir}", f"-I{ROOT / 'csrc'}", f"-I{EMULATION}",
-           str(EMULATION / "emulate.cpp"), "-o", str(exe)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ids = torch.tensor([mixed_ids(" 12 -3.5 x1,000 ") * 40])
-    directory = tmp_path / "run"
-    directory.mkdir()
-    ids.numpy().tofile(directory / "ids.bin")
-    MIXED.table.contiguous().numpy().tofile(directory / "table.bin")
-    params = dict(batch=1, length=ids.shape[1], vocab=MIXED.table.shape[0], cols=MIXED.table.shape[1], id_bytes=8,
-                  has_mask=0)
-    (directory / "params.txt").write_text("".join(f"{k} {v!r}\n" for k, v in params.items()))
-    for kernel_exe in (emulator, exe):  # the intact kernel passes the same run
-        proc = subprocess.run([str(kernel_exe), "numca", str(directory)], capture_output=True, text=True, timeout=300)
-        if kernel_exe is emulator:
-            assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.returncode != 0 and "shared memory race" in proc.stderr, proc.stderr[-2000:]
-
-
 # ---- Numca numca_values ----------------------------------------------------------------------------
 VALUES_CHUNK = 256  # tokens per chunk of the numca_values kernel (csrc/numca_values_kernel.cuh: kThreads)
 PREFIX_MULTIPLIERS = (0x9E3779B97F4A7C15 - (1 << 64), 0xC2B2AE3D27D4EB4F - (1 << 64))  # csrc/numca_values.cu
@@ -502,3 +465,55 @@ def test_numca_values_kernel_prefix_needs_enough_numbers(emulator, tmp_path, see
         got = emulated_values(emulator, tmp_path / match, spans, returns, group_index, mask, match=match)
         want = sk.numca_values(spans, returns, group_index, mask, match=match, backend="reference")
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ---- barriers: the emulator must catch a missing one ----------------------------------------------
+MUTANTS = {  # a barrier of a Numca kernel (file, the line as written) and what removing it races
+    "spans: warp totals stored": ("numca_kernel.cuh", "  __syncthreads();  // the warp totals are stored before any "
+                                  "thread reads them\n"),
+    "spans: warp totals read": ("numca_kernel.cuh", "  __syncthreads();  // every thread has read them before the next "
+                                "scan stores again\n"),
+    "values: chunk count read": ("numca_values_kernel.cuh", "    __syncthreads();  // every thread has read "
+                                 "s_scan[kThreads - 1]\n"),
+    "values: chunk done": ("numca_values_kernel.cuh", "    __syncthreads();  // the next chunk overwrites the shared "
+                           "arrays\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def mutant_emulators(tmp_path_factory, emulator):
+    """An emulator per entry of MUTANTS, built from a copy of the kernel without that barrier."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    built = {}
+    for name, (header, line) in MUTANTS.items():
+        source = (ROOT / "csrc" / header).read_text()
+        assert source.count(line) == 1, f"{name}: the barrier to remove is no longer in csrc/{header}"
+        directory = tmp_path_factory.mktemp("mutant")
+        (directory / header).write_text(source.replace(line, ""))
+        exe = directory / "emulate"
+        cmd = [cxx, "-std=c++20", "-O1", "-pthread", f"-I{directory}", f"-I{ROOT / 'csrc'}", f"-I{EMULATION}",
+               str(EMULATION / "emulate.cpp"), "-o", str(exe)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        built[name] = exe
+    return built
+
+
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+def test_emulator_catches_a_missing_barrier(emulator, mutant_emulators, tmp_path, seed, mutant):
+    """Without any one of their barriers the Numca kernels race on shared memory; the emulator fails the
+    run every time, whatever the OS threads' interleaving (its check counts barriers, it does not time
+    threads). The intact kernels pass the same inputs."""
+    rng = random.Random(seed)
+    spans_ids = torch.tensor([mixed_ids(" 12 -3.5 x1,000 ") * 25])  # 400 tokens: two chunks
+    values_inputs = values_case(rng, "last", VALUES_CHUNK + 45)  # two chunks
+
+    def run(exe, directory):
+        if mutant.startswith("spans"):
+            emulated_spans(exe, directory, spans_ids, MIXED.table)
+        else:
+            emulated_values(exe, directory, *values_inputs)
+
+    run(emulator, tmp_path / "intact")
+    with pytest.raises(AssertionError, match="shared memory race"):
+        run(mutant_emulators[mutant], tmp_path / "mutant")
