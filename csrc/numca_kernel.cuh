@@ -342,7 +342,9 @@ template <class Id>
 __device__ __forceinline__ Token load_token(const SpansParams& p, const Id* ids, const bool* mask, int64_t t) {
   if (t >= p.length) return {nullptr, kFwdIdentity, kBwdIdentity, 0, false};
   const int64_t id = static_cast<int64_t>(ids[t]);
-  if ((mask != nullptr && !mask[t]) || id < 0 || id >= p.vocab) return {nullptr, kSeparatorFwd, kSeparatorBwd, 1, false};
+  if ((mask != nullptr && !mask[t]) || id < 0 || id >= p.vocab) {
+    return {nullptr, kSeparatorFwd, kSeparatorBwd, 1, false};
+  }
   const int64_t* row = p.table + id * p.cols;
   const int64_t meta = row[kColMeta];
   const int64_t stored = (meta >> kMetaLenShift) & kMetaLenMask;
