@@ -20,7 +20,7 @@ from numca_cases import FAMILIES, assert_spans_equal, oracle_for, tokenizer_and_
 from numca_cases import make_batch as numca_batch
 from sveb_kernels.numca import NumericSpans
 from test_hista import make_batch, plain_pytorch_in_dtype, random_groups
-from test_numca_spans import BYTES, MIXED, dense_random_ids, mixed_decode
+from test_numca_spans import BYTES, MIXED, MIXED_PIECES, dense_random_ids, mixed_decode
 from oracles import numca_values_oracle, numeric_spans_oracle
 
 # Public op -> the private op of the extension that implements it.
@@ -526,7 +526,7 @@ def test_spans_match_reference_and_regex_oracle(seed, family):
 @gpu
 def test_spans_dense_grammar_int32_and_out_of_vocab_ids(seed):
     rng = random.Random(seed)
-    ids = dense_random_ids(rng, 130, 97)  # more rows than one CTA's threads
+    ids = dense_random_ids(rng, 130, 97)  # 130 rows, one CTA each
     mask = (torch.rand(ids.shape) > 0.05).to(torch.uint8)  # a 0/1 mask
     assert_spans_equal(cuda_spans(ids.int(), MIXED, mask), numeric_spans_oracle(mixed_decode, ids, set(), mask),
                        ids, value_ulps=1)
@@ -563,6 +563,23 @@ def test_spans_agree_with_triton_on_long_rows(seed):
     ours = sk.numeric_spans(ids.cuda(), vocab, mask.cuda(), backend="cuda")
     theirs = sk.numeric_spans(ids.cuda(), vocab, mask.cuda(), backend="triton")
     assert_spans_equal(NumericSpans(*(t.cpu() for t in ours)), [t.cpu().tolist() for t in theirs], ids, value_ulps=2)
+
+
+@gpu
+def test_spans_chunk_carries_at_training_shapes(seed):
+    """B = 256 rows of T = 2048 tokens (8 chunks of the kernel's 256 tokens) over the dense grammar, with
+    stretches of zero-length tokens (the backward carry then comes from chunks further right) and masked
+    holes: against the reference backend."""
+    rng = random.Random(seed)
+    ids = dense_random_ids(rng, 256, 2048)
+    empty = MIXED_PIECES.index(b"")
+    for row in range(0, 256, 3):
+        first = rng.randrange(2048)
+        ids[row, first:first + rng.randint(200, 700)] = empty
+    mask = torch.rand(ids.shape) > 0.02
+    got = cuda_spans(ids, MIXED, mask)
+    want = sk.numeric_spans(ids, MIXED, mask, backend="reference")
+    assert_spans_equal(got, [x.tolist() for x in want], ids, value_ulps=1)
 
 
 @gpu
