@@ -297,3 +297,20 @@ def test_distributed_ops_on_gloo_equal_the_single_process_ops(tmp_path, seed, wo
         assert sum(line.startswith("hista") for line in log) == cases, log
         assert sum(line.startswith("numca") for line in log) == cases, log
         assert "in step after errors" in log
+
+
+def test_readme_multi_gpu_example_runs(tmp_path):
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    section = (root / "README.md").read_text().split("## Multi-GPU use", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    script = tmp_path / "multi_gpu_example.py"
+    script.write_text(code)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
