@@ -40,7 +40,8 @@ def make_batch(args, rank, world):
     owner = torch.empty(args.rollouts, dtype=torch.int64)
     owner[by_length] = torch.arange(args.rollouts) % world            # length balancing, like verl/TRL
     mine = torch.nonzero(owner == rank).reshape(-1).tolist()
-    rollout_ids = torch.cat([torch.full((int(lengths[r]),), r) for r in mine]) if mine else torch.zeros(0, dtype=torch.int64)
+    rollout_ids = (torch.cat([torch.full((int(lengths[r]),), r) for r in mine]) if mine
+                   else torch.zeros(0, dtype=torch.int64))
     group_ids = rollout_ids // args.group_size
     local_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
     n = rollout_ids.numel()

@@ -47,8 +47,9 @@ def test_plan_covers_every_query_once_and_balances(seed, world):
     biggest_item = ((p.hi - p.lo) * sizes[p.group]).max()
     # Greedy placement: no rank exceeds the fair share by more than one item.
     assert loads.max() <= loads.sum() / world * 1.05 + biggest_item
-    # A group larger than a fair share is cut so its blocks are no larger than one.
-    assert biggest_item <= max(loads.sum() / world, 1) * 1.0001 or world == 1
+    # A group larger than a fair share is cut so its blocks are no larger than one (up to one query row,
+    # as blocks hold whole tokens).
+    assert biggest_item <= loads.sum() / world + sizes.max() or world == 1
 
 
 def test_plan_keeps_a_group_on_the_rank_that_holds_it():
@@ -65,7 +66,7 @@ def test_without_process_group_is_a_clear_error():
 
 
 # ------------------------------------------------------------------------------------- spawned worlds
-def _split(kind, owner_candidates, n_items, world, gen):
+def _split(kind, n_items, world, gen):
     """Rank of each item (token or rollout)."""
     if kind == "all_on_one":
         return torch.full((n_items,), world - 1, dtype=torch.int64)
@@ -109,7 +110,7 @@ def _hista_case(case, rank, world, seed, log):
         token_rank = torch.randint(0, world, (n,), generator=gen)
         token_rank[group_ids == group_ids[0]] = world - 1
     else:
-        token_rank = _split(kind, None, n, world, gen)
+        token_rank = _split(kind, n, world, gen)
     mine = torch.nonzero(token_rank == rank).reshape(-1)
     mine = mine[torch.randperm(len(mine), generator=gen)]        # unsorted, not contiguous
     options = dict(temperature=temperature, similarity=similarity, empty_value=rng.choice([0.0, -1.5]))
@@ -153,7 +154,7 @@ def _numca_case(case, rank, world, seed, log):
     returns = torch.randn(b, generator=gen, dtype=torch.float64)
     group_ids = torch.randint(0, rng.randint(1, 4), (b,), generator=gen) * 7919
     kind = SPLITS[case % len(SPLITS)]
-    row_rank = _split("random" if kind in ("by_rollout", "group_on_one") else kind, None, b, world, gen)
+    row_rank = _split("random" if kind in ("by_rollout", "group_on_one") else kind, b, world, gen)
     if kind == "group_on_one":
         row_rank[group_ids == group_ids[0]] = 0
     mine = torch.nonzero(row_rank == rank).reshape(-1)
