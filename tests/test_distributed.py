@@ -315,3 +315,29 @@ def test_readme_multi_gpu_example_runs(tmp_path):
                OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_query_block_path_matches_the_oracle(seed, similarity, dtype):
+    """The block path (queries of one group against all its keys) without processes: every query
+    block of a random group, against the float64 oracle on the whole group."""
+    from sveb_kernels.distributed.hista import _attend
+    from oracles import hista_oracle
+
+    gen = torch.Generator().manual_seed(seed)
+    n, d = int(torch.randint(2, 90, (1,), generator=gen)), int(torch.randint(1, 40, (1,), generator=gen))
+    hidden = torch.randn(n, d, generator=gen).to(dtype)
+    rollout = torch.randint(0, 4, (n,), generator=gen)
+    returns = torch.randn(n, generator=gen)
+    key_mask = torch.rand(n, generator=gen) < 0.8
+    key_bias = torch.randn(n, generator=gen)
+    temperature = 0.3 if similarity == "cosine" else 7.0
+    want_v, want_l = hista_oracle(hidden.double(), returns, rollout, torch.tensor([0, n]), temperature, similarity,
+                                  key_mask, key_bias, -2.0)
+    key_add = key_bias.masked_fill(~key_mask, float("-inf"))
+    cut = int(torch.randint(0, n + 1, (1,), generator=gen))
+    for lo, hi in ((0, cut), (cut, n)):
+        v, l = _attend(hidden[lo:hi], rollout[lo:hi], hidden, rollout, returns, key_add, temperature, similarity, -2.0)
+        torch.testing.assert_close(v.double(), want_v[lo:hi], atol=1e-4 * float(returns.abs().max()), rtol=0)
+        torch.testing.assert_close(l.double(), want_l[lo:hi], atol=1e-4, rtol=1e-5)

@@ -70,15 +70,32 @@ def _segments(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + np.repeat(starts - seg_begin, lengths)
 
 
+_half_mm = {"ok": True}
+
+
+def _products(queries: Tensor, keys: Tensor) -> Tensor:
+    """queries @ keys.T with fp32 accumulation and output: bf16/fp16 on tensor cores where torch has the
+    fp32-output matmul (CUDA), else through fp32 copies (TF32 stays as the user set it, off by default)."""
+    if queries.is_cuda and queries.dtype in (torch.bfloat16, torch.float16) and _half_mm["ok"]:
+        try:
+            return torch.mm(queries, keys.T, out_dtype=torch.float32)
+        except (NotImplementedError, RuntimeError, TypeError):
+            _half_mm["ok"] = False
+    return queries.to(torch.float32) @ keys.to(torch.float32).T
+
+
 def _attend(q_hidden, q_rollout, k_hidden, k_rollout, k_returns, k_add, temperature, similarity, empty_value):
     """Hista of the queries q against the keys k of one group (the block path): tiled online softmax,
-    fp32 products, O(tile) extra memory. Returns (values, lse) of the queries."""
+    products accumulated in fp32, O(tile) extra memory. Returns (values, lse) of the queries."""
     device = q_hidden.device
     nq, nk = q_hidden.shape[0], k_hidden.shape[0]
     values = torch.full((nq,), float(empty_value), dtype=torch.float32, device=device)
     lse = torch.full((nq,), float("-inf"), dtype=torch.float32, device=device)
     if nq == 0 or nk == 0:
         return values, lse
+    if q_hidden.dtype == torch.float64:
+        q_hidden, k_hidden = q_hidden.to(torch.float32), k_hidden.to(torch.float32)
+    # Scales (cosine norms, 1/temperature) multiply the fp32 products, as in the kernels.
     q_scale = torch.full((nq,), 1.0 / temperature, dtype=torch.float32, device=device)
     k_scale = None
     if similarity == "cosine":
@@ -87,17 +104,16 @@ def _attend(q_hidden, q_rollout, k_hidden, k_rollout, k_returns, k_add, temperat
     q_tile = max(1, min(nq, int(_TILE_ELEMENTS ** 0.5)))
     for q0 in range(0, nq, q_tile):
         q1 = min(q0 + q_tile, nq)
-        queries = q_hidden[q0:q1].to(torch.float32) * q_scale[q0:q1, None]
         k_tile = max(1, _TILE_ELEMENTS // (q1 - q0))
         row_max = torch.full((q1 - q0,), float("-inf"), dtype=torch.float32, device=device)
         denom = torch.zeros(q1 - q0, dtype=torch.float32, device=device)
         numer = torch.zeros(q1 - q0, dtype=torch.float32, device=device)
         for k0 in range(0, nk, k_tile):
             k1 = min(k0 + k_tile, nk)
-            keys = k_hidden[k0:k1].to(torch.float32)
+            scores = _products(q_hidden[q0:q1], k_hidden[k0:k1]) * q_scale[q0:q1, None]
             if k_scale is not None:
-                keys = keys * k_scale[k0:k1, None]
-            scores = queries @ keys.T + k_add[k0:k1]
+                scores *= k_scale[None, k0:k1]
+            scores += k_add[k0:k1]
             scores.masked_fill_(q_rollout[q0:q1, None] == k_rollout[None, k0:k1], float("-inf"))
             new_max = torch.maximum(row_max, scores.amax(dim=1))
             shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
