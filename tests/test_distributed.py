@@ -253,6 +253,9 @@ def _worker(rank, world, init_file, out_dir, seed, cases):
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # tests/oracles.py
     torch.set_num_threads(1)
+    # Small chunks and tiles, so the chunked send copy and the tiled block path loop here.
+    from sveb_kernels.distributed import hista as distributed_hista
+    distributed_hista._COPY_ROWS, distributed_hista._TILE_ELEMENTS = 5, 150
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     log = []
@@ -319,10 +322,15 @@ def test_readme_multi_gpu_example_runs(tmp_path):
 
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_query_block_path_matches_the_oracle(seed, similarity, dtype):
+@pytest.mark.parametrize("tile", [None, 37])
+def test_query_block_path_matches_the_oracle(seed, similarity, dtype, tile, monkeypatch):
     """The block path (queries of one group against all its keys) without processes: every query
     block of a random group, against the float64 oracle on the whole group."""
+    from sveb_kernels.distributed import hista as distributed_hista
     from sveb_kernels.distributed.hista import _attend
+
+    if tile is not None:
+        monkeypatch.setattr(distributed_hista, "_TILE_ELEMENTS", tile)
     from oracles import hista_oracle
 
     gen = torch.Generator().manual_seed(seed)

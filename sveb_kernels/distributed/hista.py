@@ -31,6 +31,7 @@ _ID_DTYPES = _checks.INT_DTYPES
 _TRAILER_BYTES = 24
 _EPS = 1e-6
 _TILE_ELEMENTS = 1 << 22
+_COPY_ROWS = 1 << 14
 
 
 def _check_local(hidden, returns, rollout_ids, group_ids, temperature, similarity, key_mask, key_bias,
@@ -231,8 +232,13 @@ def hista_values(
     row_bytes = -(-hidden_bytes // 8) * 8 + _TRAILER_BYTES
     send = torch.zeros((len(positions), row_bytes), dtype=torch.uint8, device=comm)
     if len(positions):
+        # Written in chunks through a strided view of the rows, so no second copy of the hidden states
+        # is ever whole in memory.
         idx = send_index.to(hidden.device)
-        send[:, :hidden_bytes] = hidden.detach()[idx].contiguous().view(torch.uint8).to(comm)
+        send_hidden = send[:, :hidden_bytes].view(dtype)
+        for c0 in range(0, len(positions), _COPY_ROWS):
+            c1 = min(c0 + _COPY_ROWS, len(positions))
+            send_hidden[c0:c1] = hidden.detach()[idx[c0:c1]].to(comm)
         trailer = send[:, row_bytes - _TRAILER_BYTES:]
         trailer[:, :8] = rids[send_index].view(torch.uint8).view(-1, 8)
         scalars = torch.stack([
@@ -243,27 +249,28 @@ def hista_values(
              else torch.ones(len(positions), dtype=torch.float32, device=comm)),
         ], dim=1)
         trailer[:, 8:20] = scalars.view(torch.uint8).view(-1, 12)
-        del idx, scalars, trailer
+        del idx, scalars, trailer, send_hidden
 
     # Receive side: from each source, its tokens of my items in item order.
     mine = np.flatnonzero(plan.owner == rank)
     recv_len = counts[plan.group[mine]].T.reshape(-1)   # source-major, then my items in order
     recv_counts = counts[plan.group[mine]].sum(axis=0) if len(mine) else np.zeros(size, dtype=np.int64)
-    recv = _comm.all_to_all(send, send_counts.tolist(), recv_counts.tolist(), group)
+    received = [_comm.all_to_all(send, send_counts.tolist(), recv_counts.tolist(), group)]
     del send
+    num_received = received[0].shape[0]
     item_of_row = np.repeat(np.tile(np.arange(len(mine)), size), recv_len)
     pos_of_row = (_segments(np.zeros_like(recv_len), recv_len)
                   + np.repeat(prefix[plan.group[mine]].T.reshape(-1), recv_len))
 
-    results = torch.zeros((recv.shape[0], 2), dtype=torch.float32, device=hidden.device)
+    results = torch.zeros((num_received, 2), dtype=torch.float32, device=hidden.device)
     compute_error = None
     try:
-        if recv.shape[0]:
-            results = _compute_owned(recv, hidden_bytes, row_bytes, dim, dtype, plan, mine, item_of_row, pos_of_row,
+        if num_received:
+            results = _compute_owned(received, hidden_bytes, row_bytes, dim, dtype, plan, mine, item_of_row, pos_of_row,
                                      counts, hidden.device, temperature, similarity, empty_value, backend)
     except Exception as exc:   # noqa: BLE001 - agreed below so no rank waits forever in the next collective
         compute_error = exc
-    del recv
+    received.clear()
     failed = _comm.all_reduce_sum(torch.tensor([0 if compute_error is None else 1], dtype=torch.int64,
                                                device=comm), group)
     if int(failed):
@@ -282,10 +289,12 @@ def hista_values(
     return HistaOutput(values, lse)
 
 
-def _compute_owned(recv, hidden_bytes, row_bytes, dim, dtype, plan, mine, item_of_row, pos_of_row, counts,
+def _compute_owned(received, hidden_bytes, row_bytes, dim, dtype, plan, mine, item_of_row, pos_of_row, counts,
                    device, temperature, similarity, empty_value, backend):
     """(values, lse) [rows, 2] for the received rows, in received order: whole groups by the op, one call
-    for all of them; query blocks against their group's keys by `_attend`."""
+    for all of them; query blocks against their group's keys by `_attend`. `received` holds the
+    receive buffer, which is released once the rows are regrouped."""
+    recv = received.pop()
     whole = plan.whole[mine]
     # Whole groups first, then blocks; rows of one item contiguous (a stable sort keeps each rank's order).
     rank_of_item = np.argsort(~whole, kind="stable")
@@ -293,13 +302,13 @@ def _compute_owned(recv, hidden_bytes, row_bytes, dim, dtype, plan, mine, item_o
     slot[rank_of_item] = np.arange(len(mine))
     perm_np = np.argsort(slot[item_of_row], kind="stable")
     perm = torch.as_tensor(perm_np, device=recv.device)
-    rows = recv[perm].to(device)
-    hidden = rows[:, :hidden_bytes].contiguous().view(dtype)
-    trailer = rows[:, row_bytes - _TRAILER_BYTES:].contiguous()
+    hidden = recv[perm, :hidden_bytes].to(device).view(dtype)
+    trailer = recv[perm, row_bytes - _TRAILER_BYTES:].to(device)
+    del recv
     rollout = trailer[:, :8].contiguous().view(torch.int64).reshape(-1)
     scalars = trailer[:, 8:20].contiguous().view(torch.float32)
     returns, key_bias, key_mask = scalars[:, 0], scalars[:, 1], scalars[:, 2] > 0.5
-    del rows, trailer
+    del trailer
     sizes = counts[plan.group[mine]].sum(axis=1)[rank_of_item]      # tokens per item, in slot order
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     out = torch.zeros((hidden.shape[0], 2), dtype=torch.float32, device=device)
