@@ -42,8 +42,9 @@ def world(group) -> tuple[int, int]:
 
 
 def device(group) -> torch.device:
-    """Where the collectives' tensors live: the current CUDA device for NCCL, the CPU otherwise."""
-    if dist.get_backend(group) == "nccl":
+    """Where the collectives' tensors live: the current CUDA device when the group has NCCL (alone, or as
+    the CUDA half of torch's default "cpu:gloo,cuda:nccl" group), the CPU otherwise."""
+    if "nccl" in str(dist.get_backend(group)).lower():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
