@@ -55,7 +55,7 @@ def make_batch(args, rank, world):
 def all_gather_baseline(hidden, returns, rollout_ids, group_ids, group=None):
     """Everything to everyone, the single-process op on the whole batch, keep this rank's tokens."""
     rank, world = _comm.world(group)
-    counts = _comm.all_gather_rows(torch.tensor([hidden.shape[0]]), group).reshape(-1).tolist()
+    counts = _comm.all_gather_rows(torch.tensor([hidden.shape[0]], device=hidden.device), group).reshape(-1).tolist()
     gathered_hidden = torch.cat(_comm.all_gather_ragged(hidden.view(torch.int16) if hidden.element_size() == 2
                                                         else hidden, counts, group))
     gathered_hidden = gathered_hidden.view(hidden.dtype)
@@ -64,7 +64,7 @@ def all_gather_baseline(hidden, returns, rollout_ids, group_ids, group=None):
     all_returns = gathered[:, 0].int().view(torch.float32)
     order = torch.argsort(gathered[:, 2], stable=True)
     _, per_group = torch.unique(gathered[order, 2], return_counts=True)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), per_group.cumsum(0)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=per_group.device), per_group.cumsum(0)])
     out = sk.hista_values(gathered_hidden[order], all_returns[order], gathered[order, 1], offsets)
     values = torch.empty_like(out.values)
     values[order] = out.values
