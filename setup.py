@@ -139,6 +139,9 @@ def build_kwargs() -> dict:
     with open(BUILD_INFO, "w") as f:
         json.dump(info, f, indent=1)
     print(f"sveb_kernels: building the CUDA extension ({reason}): {info}", file=sys.stderr)
+    print(f"sveb_kernels: compiling the optional CUDA kernels (sveb_kernels._C) for archs {archs} takes minutes "
+          "(~5 on 2 cores; no GPU needed); pip shows only 'still running...'. SVEB_SKIP_CUDA_BUILD=1 skips it: "
+          "the Triton and reference backends serve without it.", file=sys.stderr)
 
     include_dirs = [os.path.join(ROOT, "csrc")] + pip_cuda_include_dirs()
     ext = CUDAExtension(

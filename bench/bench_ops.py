@@ -24,9 +24,10 @@ def _run(benchmark, fn, rounds):
 def test_gae_64x4096(benchmark, impl):
     """Issue goal: the CPU reference >= 20x faster than the per-token loop at B=64, T=4096."""
     case = cases.gae_case(64, 4096, DEVICE)
-    args = (case.rewards, case.values, case.mask, 1.0, 0.95)
+    args, options = (case.rewards, case.values, case.mask), dict(gamma=1.0, lam=0.95)
     benchmark.group = "gae B=64 T=4096"
-    fn = (lambda: baselines.gae_loop(*args)) if impl == "per-token loop" else (lambda: sk.gae(*args, backend=impl))
+    fn = ((lambda: baselines.gae_loop(*args, **options)) if impl == "per-token loop"
+          else (lambda: sk.gae(*args, **options, backend=impl)))
     _run(benchmark, fn, rounds=5)
 
 

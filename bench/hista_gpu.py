@@ -35,9 +35,9 @@ import torch
 
 import sveb_kernels as sk
 from sveb_kernels.benchmark import baselines, cases, timing
-from sveb_kernels.benchmark.report import environment
+from sveb_kernels.benchmark.report import environment, user_results_dir
 
-DEFAULT_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hista_gpu.csv")
+DEFAULT_CSV = os.path.join(user_results_dir(), "hista_gpu.csv")  # curated results in bench/results/ are copied by hand
 FIELDS = ["timestamp", "device_name", "torch", "cuda", "triton", "commit", "section", "impl", "dtype", "groups",
           "rollouts", "tokens_per_group", "hidden", "median_ms", "tflops", "pct_matmul", "matmul_tflops",
           "speedup_vs_baseline", "peak_mib", "max_abs_diff", "note", "config"]
@@ -195,11 +195,11 @@ def gae_section(args, env, device, rows, table):
     for shape in [s for s in args.gae.split(",") if s.strip()]:
         batch, length = (int(x) for x in shape.lower().split("x"))
         case = cases.gae_case(batch, length, device)
-        inputs = (case.rewards, case.values, case.mask, 1.0, 0.95)
+        inputs, options = (case.rewards, case.values, case.mask), dict(gamma=1.0, lam=0.95)
         loop_ms, truth = None, None
-        for impl, fn in (("per-token loop", lambda: baselines.gae_loop(*inputs)),
-                         ("reference", lambda: sk.gae(*inputs, backend="reference")),
-                         ("triton", lambda: sk.gae(*inputs, backend="triton"))):
+        for impl, fn in (("per-token loop", lambda: baselines.gae_loop(*inputs, **options)),
+                         ("reference", lambda: sk.gae(*inputs, **options, backend="reference")),
+                         ("triton", lambda: sk.gae(*inputs, **options, backend="triton"))):
             result, ms, peak, note = run_timed(fn, device, args)
             if impl == "per-token loop":
                 loop_ms = ms

@@ -1,6 +1,6 @@
 """Issue 3 benchmark: Numca's numeric_spans against what trainers do today, side by side in one run.
 
-    baseline     tokenizer decode of every token (one Rust batch call), Python `re` with the SPEC
+    baseline     tokenizer decode of every token (one Rust batch call), Python `re` with the docs/CONTRACT.md §2b
                  regex over each row's text, bisect to map matches back to tokens, the canonical
                  form and float() in Python (a Python hash() as the key: the cheapest identity)
     reference    sveb_kernels.numeric_spans(backend="reference") on the batch's device
@@ -32,11 +32,11 @@ import torch
 import sveb_kernels as sk
 from sveb_kernels.benchmark.baselines import regex_baseline
 from sveb_kernels.benchmark.cases import numca_token_batch as make_batch
-from sveb_kernels.benchmark.report import environment
+from sveb_kernels.benchmark.report import environment, user_results_dir
 from sveb_kernels.benchmark.timing import time_median
 from sveb_kernels.numca import NumericVocab, toy_tokenizers
 
-DEFAULT_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "numca.csv")
+DEFAULT_CSV = os.path.join(user_results_dir(), "numca.csv")  # curated results in bench/results/ are copied by hand
 FIELDS = ["timestamp", "device_name", "torch", "cuda", "triton", "commit", "op", "family", "batch", "seq_len",
           "impl", "median_ms", "speedup_vs_baseline", "gbytes_per_s", "pct_copy_bandwidth", "numbers", "agree", "note"]
 

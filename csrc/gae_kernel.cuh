@@ -1,4 +1,4 @@
-// GAE (SPEC 3) as one kernel: one CTA per row, the row walked from its end in segments of
+// GAE (docs/CONTRACT.md §3) as one kernel: one CTA per row, the row walked from its end in segments of
 // kThreads * kItems positions, each segment solved with two CTA-wide reverse scans.
 //
 // The trainer loop carries two states backwards in time. With m = mask[t]:
@@ -11,7 +11,7 @@
 // the next valid value at the segment start), so rows of any length run in O(kSegment) shared memory.
 //
 // Arithmetic is in fp64: the scan reassociates sums, and with gamma*lam = 1 a row telescopes over
-// up to 32k+ terms; fp64 keeps the error at the final rounding to fp32 (SPEC 3 allows
+// up to 32k+ terms; fp64 keeps the error at the final rounding to fp32 (docs/CONTRACT.md §3 allows
 // 1e-5 * (1 + max|adv|) * log2(T+1)). The kernel is bound by memory traffic, not by fp64 rate.
 //
 // Device code only (host code: gae.cu); builds with a host compiler under SVEB_CPU_EMULATION

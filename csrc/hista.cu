@@ -22,7 +22,7 @@ using namespace hista_kernels;
 
 constexpr int kMaxKeySplits = 64;
 constexpr int kAutoMaxKeySplits = 16;
-constexpr float kNormEps = 1e-6f;  // SPEC 1: norms clamped to at least eps
+constexpr float kNormEps = 1e-6f;  // docs/CONTRACT.md §1: norms clamped to at least eps
 
 template <class Tiles>
 void launch_hista(const HistaParams& p, int64_t blocks, cudaStream_t stream) {
@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> hista_values_cuda(const at::Tensor& hidden, c
                 "the cuda backend's Hista kernel for bf16/fp16 needs compute capability 8.0 or newer; use "
                 "backend='triton' or 'reference' on this GPU");
   }
-  // fp64 is computed in fp32 (SPEC 1), like the other backends.
+  // fp64 is computed in fp32 (docs/CONTRACT.md §1), like the other backends.
   const at::Tensor h = rows_for_vector_loads(tensor_cores ? hidden : hidden.to(at::kFloat));
   const at::Tensor ret = returns.to(at::kFloat).contiguous();
   const at::Tensor ids = rollout_ids.to(at::kLong).contiguous();

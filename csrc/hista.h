@@ -8,7 +8,7 @@
 
 namespace sveb {
 
-// Implementation of the private op sveb::_cuda_hista_values (schema in ops.cpp, contract in SPEC 1).
+// Implementation of the private op sveb::_cuda_hista_values (schema in ops.cpp, contract in docs/CONTRACT.md §1).
 // key_splits: how many CTAs share one query tile's keys (0 = pick from the shape; tests force it).
 // Registered for CPU too, where it checks the arguments and then refuses the CPU tensors with a
 // ValueError, so that mistakes get a clear message rather than the dispatcher's "no kernel" error.

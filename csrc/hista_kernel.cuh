@@ -1,4 +1,4 @@
-// Hista (SPEC 1) as one fused kernel: flash-attention forward with Q = K = hidden states, a varlen
+// Hista (docs/CONTRACT.md §1) as one fused kernel: flash-attention forward with Q = K = hidden states, a varlen
 // block mask that drops the query's own rollout, and a value dimension of 1.
 //
 // A CTA owns a tile of BM consecutive packed tokens as queries (a tile may span several groups;

@@ -25,6 +25,8 @@ void check_spans_args(const at::Tensor& token_ids, const at::Tensor& table, cons
                    token_ids.scalar_type());
   TORCH_CHECK_VALUE(token_ids.size(1) <= INT_MAX, "token_ids has T = ", token_ids.size(1),
                     " tokens a row, more than 2^31 - 1 (start is int32)");
+  TORCH_CHECK_VALUE(token_ids.size(0) <= INT_MAX, "token_ids has B = ", token_ids.size(0),
+                    " rows, more than 2^31 - 1 (one CTA a row)");
   TORCH_CHECK_TYPE(table.scalar_type() == at::kLong, "vocab table must have dtype int64, got ", table.scalar_type());
   TORCH_CHECK_VALUE(table.dim() == 2 && table.size(1) > kColClasses,
                     "vocab table must have shape [V, >2] as NumericVocab builds it, got ", table.sizes());
@@ -48,12 +50,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> numeric_spans_cuda(co
   const c10::cuda::CUDAGuard guard(token_ids.device());
   const int64_t batch = token_ids.size(0), length = token_ids.size(1);
   const auto options = token_ids.options();
-  // The kernel writes only the tokens where a number ends; every other token keeps these defaults.
-  at::Tensor end = at::zeros({batch, length}, options.dtype(at::kBool));
-  at::Tensor key = at::zeros({batch, length}, options.dtype(at::kLong));
-  at::Tensor value = at::full({batch, length}, NAN, options.dtype(at::kDouble));
-  at::Tensor start = at::full({batch, length}, -1, options.dtype(at::kInt));
-  if (batch == 0 || length == 0 || table.size(0) == 0) return {end, key, value, start};
+  // The kernel writes every element (end = false, key = 0, value = NaN, start = -1 where no number ends).
+  at::Tensor end = at::empty({batch, length}, options.dtype(at::kBool));
+  at::Tensor key = at::empty({batch, length}, options.dtype(at::kLong));
+  at::Tensor value = at::empty({batch, length}, options.dtype(at::kDouble));
+  at::Tensor start = at::empty({batch, length}, options.dtype(at::kInt));
+  if (batch == 0 || length == 0) return {end, key, value, start};
 
   const at::Tensor ids = token_ids.contiguous();
   const at::Tensor tab = table.contiguous();
@@ -74,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> numeric_spans_cuda(co
   p.start = start.data_ptr<int32_t>();
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto blocks = static_cast<unsigned>((batch + kThreads - 1) / kThreads);
+  const auto blocks = static_cast<unsigned>(batch);  // one CTA per row (an empty vocab table is never read)
   if (ids.scalar_type() == at::kInt) {
     numeric_spans_kernel<int32_t><<<blocks, kThreads, 0, stream>>>(p);
   } else {

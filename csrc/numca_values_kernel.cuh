@@ -1,4 +1,4 @@
-// Numca milestone values (SPEC 2c) as one kernel: one CTA per row, its threads over the row's tokens
+// Numca milestone values (docs/CONTRACT.md §2c) as one kernel: one CTA per row, its threads over the row's tokens
 // in chunks of kThreads, the design of the Triton kernel (sveb_kernels/numca/triton.py).
 //
 // The host (numca_values.cu) sorts the rows by group, so a row's peers are the range lo..hi of that
@@ -17,6 +17,8 @@
 #pragma once
 
 #include <cstdint>
+
+#include "shared_array.cuh"
 
 namespace sveb {
 namespace numca_values_kernels {
@@ -45,7 +47,7 @@ struct ValuesParams {
 
 // Inclusive scan over the CTA of s[0 .. kThreads) (Hillis-Steele); every thread must call it.
 template <class T, class Op>
-__device__ T cta_inclusive_scan(T* s, T x, Op op) {
+__device__ T cta_inclusive_scan(SharedArray<T, kThreads>& s, T x, Op op) {
   const int tid = threadIdx.x;
   s[tid] = x;
   __syncthreads();
@@ -80,8 +82,8 @@ __device__ __forceinline__ bool holds_key(const int64_t* sorted, int32_t n, int6
 }
 
 __global__ void __launch_bounds__(kThreads) numca_values_kernel(ValuesParams p) {
-  __shared__ int s_scan[kThreads];
-  __shared__ double s_milestone[kThreads];
+  __shared__ SharedArray<int, kThreads> s_scan;
+  __shared__ SharedArray<double, kThreads> s_milestone;
 
   const int64_t row = blockIdx.x;
   const int tid = threadIdx.x;

@@ -1,4 +1,10 @@
-"""The `sveb-kernels` command."""
+"""sveb-kernels: fused Hista, Numca and GAE kernels for LLM RL value estimation, their benchmark, and SVEB.
+
+Start with `sveb-kernels info` (which backend serves which op here), then `sveb-kernels bench --quick`
+(every op x backend against the PyTorch users write without this package). `sveb-kernels sveb eval
+--quick` scores value estimators on the embedded SVEB task. `sveb-kernels COMMAND --help` for details.
+The ops' contract: docs/CONTRACT.md.
+"""
 
 from __future__ import annotations
 
@@ -56,8 +62,14 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sveb-kernels", description=__doc__)
+SVEB_HELP = "SVEB: build value datasets and score state value estimators"
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with argv, only the subcommand argv names is built in full (the others are
+    help lines), so `sveb-kernels --help` and `bench --help` need neither torch nor the SVEB harness."""
+    parser = argparse.ArgumentParser(prog="sveb-kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="versions, the compiled extension, and which backends serve which op")
     info.add_argument("-v", "--verbose", action="store_true", help="say why each missing backend is missing")
@@ -65,14 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     from .benchmark import add_parser as add_bench_parser
 
     add_bench_parser(commands)
-    from .sveb.cli import add_parser as add_sveb_parser
+    command = None if argv is None else next((a for a in argv if not a.startswith("-")), None)
+    if argv is None or command == "sveb":
+        from .sveb.cli import add_parser as add_sveb_parser
 
-    add_sveb_parser(commands)
+        add_sveb_parser(commands)
+    else:
+        commands.add_parser("sveb", help=SVEB_HELP, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    from . import _load_api
+
+    _load_api()  # torch and the ops, now that a subcommand runs
     return args.func(args)
 
 

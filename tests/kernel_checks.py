@@ -1,5 +1,5 @@
 """Assertions shared by the CUDA backend tests and the CPU emulation of its kernels: results against
-the float64 oracles of tests/oracles.py, with the SPEC bounds."""
+the float64 oracles of tests/oracles.py, with the docs/CONTRACT.md bounds."""
 
 import math
 
@@ -30,7 +30,7 @@ def check_hista_against(values, lse, want_values, want_lse, returns, empty_value
 
 def check_hista(values, lse, hidden, returns, rollout_ids, offsets, **kw):
     """Against the loop oracle. The fp32 bound holds for 16-bit inputs too: their products are exact in
-    fp32 and the oracle sees the same rounded hidden states (stricter than SPEC's 2x-plain-PyTorch)."""
+    fp32 and the oracle sees the same rounded hidden states (stricter than §1's 2x-plain-PyTorch)."""
     want_values, want_lse = hista_oracle(hidden, returns, rollout_ids, offsets, **kw)
     check_hista_against(values, lse, want_values, want_lse, returns, kw.get("empty_value", 0.0))
 

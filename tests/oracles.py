@@ -1,4 +1,4 @@
-"""Float64 oracles written plainly from SPEC, with loops: independent of the package's code."""
+"""Float64 oracles written plainly from docs/CONTRACT.md, with loops: independent of the package's code."""
 
 import math
 
@@ -34,7 +34,7 @@ def hista_oracle(hidden, returns, rollout_ids, group_offsets, temperature=0.1, s
 
 
 def gae_oracle(rewards, values, mask, gamma, lam):
-    """The trainer loop of SPEC section 3, in float64."""
+    """The trainer loop of docs/CONTRACT.md §3, in float64."""
     r = rewards.detach().cpu().to(torch.float64)
     v = values.detach().cpu().to(torch.float64)
     m = mask.detach().cpu().to(torch.float64)
@@ -58,7 +58,7 @@ NUMBER_PATTERN = _re.compile(rb"(?<![0-9A-Za-z_.])-?(?:[0-9]{1,3}(?:,[0-9]{3})+|
 
 
 def canonical_number(text: bytes) -> str:
-    """SPEC 2b's canonical form of one regex match."""
+    """The canonical form (docs/CONTRACT.md §2b) of one regex match."""
     s = text.decode("ascii")
     negative = s.startswith("-")
     s = s.lstrip("-").replace(",", "")
@@ -80,7 +80,7 @@ def fnv1a64_key(text: str) -> int:
 
 
 def numeric_spans_oracle(decode, token_ids, special_ids, mask=None):
-    """SPEC 2b by the regex on the tokenizer's own decoded text.
+    """docs/CONTRACT.md §2b by the regex on the tokenizer's own decoded text.
 
     decode(list_of_ids) -> str is the tokenizer's decode. Each run of unmasked, non-special tokens is
     decoded as one piece; masked and special tokens are "\\x00". A match is mapped back to tokens by
@@ -138,7 +138,7 @@ def numeric_spans_oracle(decode, token_ids, special_ids, mask=None):
 
 def numca_values_oracle(end, key, returns, group_index, mask, match="last", leave_one_out=True, min_support=1,
                         empty_value=0.0):
-    """SPEC 2c with loops, in float64: a list of lists of floats."""
+    """docs/CONTRACT.md §2c with loops, in float64: a list of lists of floats."""
     end, key, mask = end.tolist(), key.tolist(), mask.bool().tolist()
     returns, group_index = returns.double().tolist(), group_index.tolist()
     batch = len(end)

@@ -47,3 +47,91 @@ def test_bench_rejects_bad_arguments():
     assert run_bench("--ops", "hista,warp").returncode == 2
     assert run_bench("--gae", "64by4096").returncode == 2
     assert run_bench("--numca", "64").returncode == 2
+
+
+def test_bench_writes_to_the_user_cache_never_the_repository(tmp_path):
+    """Without --csv the rows go to $XDG_CACHE_HOME/sveb_kernels; the curated CSV in the repo stays as it is."""
+    import os
+    import pathlib
+
+    tracked = pathlib.Path(__file__).resolve().parents[1] / "bench" / "results" / "sveb_bench.csv"
+    before = tracked.read_bytes() if tracked.exists() else None
+    env = {k: v for k, v in os.environ.items() if k != "SVEB_RESULTS_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, "-m", "sveb_kernels.cli", "bench", "--ops", "gae", "--gae", "3x17",
+                           "--repeats", "2"], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tracked.parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = tmp_path / "cache" / "sveb_kernels" / "sveb_bench.csv"
+    with open(written) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["impl"] for r in rows} >= {"per-token loop", "reference"} and str(written) in proc.stderr
+    assert (tracked.read_bytes() if tracked.exists() else None) == before
+    # The table says how many threads were used and why, and has a spread column.
+    assert "threads: " in proc.stdout and "spread" in proc.stdout
+
+
+def _report(spreads, ceiling_after=1e11, one_thread=None):
+    from sveb_kernels.benchmark.runner import Report, Row
+
+    rows = [Row("gae", "B=64 T=4096, a case label longer than thirty-four characters", f"impl{i}", median_ms=1.0,
+                spread_pct=s, total_tokens=64 * 4096) for i, s in enumerate(spreads)]
+    ceilings = {"matmul": "float32 1024^3 matmul", "matmul_flops_per_s": 1e11, "copy_bytes_per_s": 1e10,
+                "matmul_flops_per_s_after": ceiling_after}
+    if one_thread:
+        ceilings["matmul_flops_per_s_1thread"] = one_thread
+    return Report(config={}, ceilings=ceilings, rows=rows)
+
+
+ENV = {"device_name": "CPU test", "torch": "t", "triton": "t", "commit": "c", "threads": 4, "cpu_count": 4,
+       "load_average": 0.5}
+
+
+def test_table_flags_noise_and_keeps_the_whole_case():
+    from sveb_kernels.benchmark import report
+
+    quiet = _report([3.0, 8.0])
+    assert report.noise_warnings(quiet, ENV) == []
+    text = report.table(quiet, ENV)
+    assert "WARNING" not in text and "noisy" not in text
+    assert "a case label longer than thirty-four characters" in text  # not cut
+
+    noisy = _report([3.0, 80.0])
+    text = report.table(noisy, ENV)
+    assert "WARNING" in text and "1 of 2 timings vary" in text
+    assert [line for line in text.splitlines() if line.startswith("gae")][1].endswith("noisy")
+    assert any("ceiling moved" in w for w in report.noise_warnings(_report([1.0], ceiling_after=3e11), ENV))
+    # 4 threads reaching only 1.2x one thread's matmul rate: the cores are busy
+    assert any("--threads 1" in w for w in report.noise_warnings(_report([1.0], one_thread=1e11 / 1.2), ENV))
+    assert any("load average" in w for w in report.noise_warnings(quiet, {**ENV, "load_average": 9.0}))
+    quiet.rows[0].pct_of_ceiling = 183.0
+    assert any("exceed 100% of the ceiling" in w for w in report.noise_warnings(quiet, ENV))
+
+
+def test_default_cpu_threads_leave_busy_cores_alone(monkeypatch):
+    import os
+
+    import torch
+
+    from sveb_kernels.benchmark import timing
+
+    cores = os.cpu_count()
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 5.0, 0.0, 0.0))
+    assert timing.default_cpu_threads()[0] == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert timing.default_cpu_threads()[0] == min(torch.get_num_threads(), cores)
+
+
+def test_plot_shows_every_op_against_total_tokens(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sveb_kernels.benchmark import plot
+    from sveb_kernels.benchmark.runner import Report, Row
+
+    rows = [Row("hista_values", f"2x8 rollouts, {n} tok, D=64", impl, tokens_per_group=n // 2, median_ms=n * k,
+                peak_mib=float(n), total_tokens=n)
+            for n in (100, 200) for impl, k in (("naive PyTorch", 1), ("reference", 2))]
+    rows += [Row("gae", "B=4 T=8", "per-token loop", median_ms=5.0, total_tokens=32),
+             Row("gae", "B=4 T=8", "reference", median_ms=1.0, speedup=5.0, total_tokens=32)]
+    png = tmp_path / "all.png"
+    plot.plot_report(Report(config={}, ceilings={}, rows=rows), str(png), "test")
+    assert png.stat().st_size > 1000

@@ -20,7 +20,7 @@ from numca_cases import FAMILIES, assert_spans_equal, oracle_for, tokenizer_and_
 from numca_cases import make_batch as numca_batch
 from sveb_kernels.numca import NumericSpans
 from test_hista import make_batch, plain_pytorch_in_dtype, random_groups
-from test_numca_spans import BYTES, MIXED, dense_random_ids, mixed_decode
+from test_numca_spans import BYTES, MIXED, MIXED_PIECES, dense_random_ids, mixed_decode
 from oracles import numca_values_oracle, numeric_spans_oracle
 
 # Public op -> the private op of the extension that implements it.
@@ -218,7 +218,7 @@ def cuda_hista(hidden, returns, rollout_ids, offsets, *, temperature=0.1, simila
 
 def dense_hista_fp64(hidden, returns, rollout_ids, offsets, *, temperature=0.1, similarity="cosine", key_mask=None,
                      key_bias=None, empty_value=0.0):
-    """The SPEC formula with an [N, N] float64 score matrix on the GPU: an oracle for sizes the loop
+    """The §1 formula with an [N, N] float64 score matrix on the GPU: an oracle for sizes the loop
     oracle is too slow for (tests only; the kernels never build [N, N])."""
     device = "cuda"
     h = hidden.to(device, torch.float64)
@@ -267,7 +267,7 @@ def test_hista_matches_loop_oracle(seed, dtype, similarity):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
 def test_hista_low_precision_within_twice_plain_pytorch_error(seed, dtype, similarity):
-    """SPEC 1 for 16-bit inputs, stated as in test_hista.py."""
+    """docs/CONTRACT.md §1 for 16-bit inputs, stated as in test_hista.py."""
     d = 129
     hidden, returns, rollout_ids, offsets = make_batch(random_groups(4, 6, 15), d, dtype=dtype)
     temperature = 0.1 if similarity == "cosine" else float(d)
@@ -482,8 +482,8 @@ def test_gae_agrees_with_other_backends(seed, other):
     if not backend_available("gae", other):
         pytest.skip(f"{other} backend unavailable: {_backend.why_unavailable('gae', other, 'cuda')}")
     rewards, values, mask = on_gpu(torch.randn(64, 4096), torch.randn(64, 4096), random_mask(64, 4096))
-    ours = sk.gae(rewards, values, mask, 0.99, 0.95, backend="cuda")
-    theirs = sk.gae(rewards, values, mask, 0.99, 0.95, backend=other)
+    ours = sk.gae(rewards, values, mask, gamma=0.99, lam=0.95, backend="cuda")
+    theirs = sk.gae(rewards, values, mask, gamma=0.99, lam=0.95, backend=other)
     bound = 2e-5 * (1 + float(theirs[0].abs().max())) * math.log2(4096 + 1)
     for a, b in zip(ours, theirs):
         assert float((a - b).abs().max()) <= bound
@@ -495,7 +495,7 @@ def test_gae_public_op_compiles_and_passes_opcheck(seed):
     torch.library.opcheck(torch.ops.sveb.gae.default, [rewards, values, mask, 0.9, 0.95, "cuda"])
 
     def f(rewards, values, mask):
-        adv, ret = sk.gae(rewards, values, mask, 1.0, 0.95, backend="cuda")
+        adv, ret = sk.gae(rewards, values, mask, gamma=1.0, lam=0.95, backend="cuda")
         return adv * mask, ret
 
     for a, b in zip(torch.compile(f, fullgraph=True)(rewards, values, mask), f(rewards, values, mask)):
@@ -526,7 +526,7 @@ def test_spans_match_reference_and_regex_oracle(seed, family):
 @gpu
 def test_spans_dense_grammar_int32_and_out_of_vocab_ids(seed):
     rng = random.Random(seed)
-    ids = dense_random_ids(rng, 130, 97)  # more rows than one CTA's threads
+    ids = dense_random_ids(rng, 130, 97)  # 130 rows, one CTA each
     mask = (torch.rand(ids.shape) > 0.05).to(torch.uint8)  # a 0/1 mask
     assert_spans_equal(cuda_spans(ids.int(), MIXED, mask), numeric_spans_oracle(mixed_decode, ids, set(), mask),
                        ids, value_ulps=1)
@@ -563,6 +563,23 @@ def test_spans_agree_with_triton_on_long_rows(seed):
     ours = sk.numeric_spans(ids.cuda(), vocab, mask.cuda(), backend="cuda")
     theirs = sk.numeric_spans(ids.cuda(), vocab, mask.cuda(), backend="triton")
     assert_spans_equal(NumericSpans(*(t.cpu() for t in ours)), [t.cpu().tolist() for t in theirs], ids, value_ulps=2)
+
+
+@gpu
+def test_spans_chunk_carries_at_training_shapes(seed):
+    """B = 256 rows of T = 2048 tokens (8 chunks of the kernel's 256 tokens) over the dense grammar, with
+    stretches of zero-length tokens (the backward carry then comes from chunks further right) and masked
+    holes: against the reference backend."""
+    rng = random.Random(seed)
+    ids = dense_random_ids(rng, 256, 2048)
+    empty = MIXED_PIECES.index(b"")
+    for row in range(0, 256, 3):
+        first = rng.randrange(2048)
+        ids[row, first:first + rng.randint(200, 700)] = empty
+    mask = torch.rand(ids.shape) > 0.02
+    got = cuda_spans(ids, MIXED, mask)
+    want = sk.numeric_spans(ids, MIXED, mask, backend="reference")
+    assert_spans_equal(got, [x.tolist() for x in want], ids, value_ulps=1)
 
 
 @gpu

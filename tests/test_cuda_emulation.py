@@ -1,6 +1,6 @@
 """The CUDA kernels of csrc/ executed on the CPU (tests/cuda_emulation/: one OS thread per CUDA
 thread), against the float64 oracles: tiling, group and rollout masking, key splits, the cp.async
-pipeline, the GAE scans and the Numca span walk are checked on machines without a GPU.
+pipeline, the GAE scans, the Numca span scans and their barriers are checked on machines without a GPU.
 
 The emulator runs the kernel source itself (csrc/*_kernel.cuh, compiled by the host C++ compiler);
 what it cannot vouch for (the PTX fragment layouts, timing, the hardware) is left to the GPU tests in
@@ -286,6 +286,80 @@ def test_numca_kernel_long_and_extreme_numbers(emulator, tmp_path, seed):
     assert int(got.end.sum()) == len(forms)
 
 
+SPANS_CHUNK = 256  # tokens per chunk of the numeric_spans kernel (csrc/numca_kernel.cuh: kThreads)
+EMPTY = MIXED_PIECES.index(b"")  # a zero-length token: no class at all
+
+
+def mixed_ids(text):
+    """One MIXED token per character."""
+    return [ord(ch) for ch in text]
+
+
+def test_numca_kernel_numbers_across_chunk_boundaries(emulator, tmp_path, seed):
+    """Every form the grammar knows, placed so that a chunk boundary falls at each of its positions:
+    the forward state, the backward state (from the next chunk's scan) and the latest start must all
+    carry from one chunk into the next; B = 1 and odd lengths on the way."""
+    rng = random.Random(seed)
+    forms = ["-12,345.670", "1,234,567", "x1,234", "1,2345", "-0.0", "3.", "a-7", "--5", "4.5.6", "12,34,567",
+             "007,000.1", "-1,000,000"]
+    rows = []
+    for form in rng.sample(forms, 6):
+        text = f" {form} "
+        for cut in range(1, len(text)):  # the boundary falls just before text[cut]
+            fill = "".join(rng.choice("ab ,.-_") for _ in range(SPANS_CHUNK - cut))
+            rows.append(mixed_ids(fill + text))
+    length = max(map(len, rows)) + rng.randint(0, 40)
+    ids = torch.tensor([r + [ord(" ")] * (length - len(r)) for r in rows])
+    got = emulated_spans(emulator, tmp_path / "batch", ids, MIXED.table)
+    assert_spans_equal(got, numeric_spans_oracle(mixed_decode, ids, set()), ids, value_ulps=1)
+    # one row alone, its number cut by a boundary between chunks 2 and 3 (int32 ids)
+    one = ids[rng.randrange(ids.shape[0])][None, :]
+    one = torch.cat([torch.full((1, 2 * SPANS_CHUNK), ord("z")), one], dim=1).int()
+    got = emulated_spans(emulator, tmp_path / "one", one, MIXED.table)
+    assert_spans_equal(got, numeric_spans_oracle(mixed_decode, one, set()), one, value_ulps=1)
+
+
+def test_numca_kernel_backward_carry_through_nearly_empty_chunks(emulator, tmp_path, seed):
+    """The backward state entering a chunk needs the chunks after it until 5 classes have been read:
+    chunks of zero-length tokens (and a few digits) between a number's parts, a number running over
+    three chunks, a '-' at a chunk's end whose digits come two chunks later."""
+    rng = random.Random(seed)
+    n = SPANS_CHUNK
+
+    def row(*parts):  # (position, text) pairs over zero-length tokens
+        out = [EMPTY] * (4 * n + 7)
+        for at, text in parts:
+            out[at:at + len(text)] = mixed_ids(text)
+        return out
+
+    rows = [
+        row((n - 4, " 1,23"), (3 * n + 2, "4 ")),            # "1,234" across two empty chunks
+        row((n - 4, " 1,23"), (2 * n + 9, "4"), (3 * n, "5 ")),  # "1,2345": not a group
+        row((n - 4, " 1,23"), (2 * n + 9, "4"), (3 * n, ".5 ")),  # "1,234.5"
+        row((n - 2, " -"), (3 * n + 1, "9,000 ")),           # a sign, digits two chunks later
+        row((5, " 1"), (n + 200, "2"), (2 * n + 100, "3"), (3 * n + 50, ".0 ")),  # "123.0" over 4 chunks
+        row((n - 3, "x1"), (2 * n + 1, "2 ")),               # "x12": no number
+    ]
+    sparse = [[EMPTY if rng.random() < 0.97 else rng.choice(mixed_ids("0123456789,.-a ") + [257, 258, 261])
+               for _ in range(4 * n + 7)] for _ in range(3)]
+    ids = torch.tensor(rows + sparse)
+    mask = torch.ones(ids.shape, dtype=torch.bool)
+    mask[-1, rng.randrange(ids.shape[1])] = False
+    got = emulated_spans(emulator, tmp_path, ids, MIXED.table, mask)
+    want = numeric_spans_oracle(mixed_decode, ids, set(), mask)
+    assert_spans_equal(got, want, ids, value_ulps=1)
+    assert [sum(r) for r in want[0][:6]] == [1, 2, 1, 1, 1, 0]  # the rows test what they say they do
+
+
+def test_numca_kernel_dense_long_rows_odd_sizes(emulator, tmp_path, seed):
+    """Dense grammar over several chunks, odd batch and length, masked holes, int32 ids."""
+    rng = random.Random(seed)
+    ids = dense_random_ids(rng, 3, rng.randint(2 * SPANS_CHUNK + 1, 4 * SPANS_CHUNK - 1))
+    mask = torch.rand(ids.shape) > 0.03
+    got = emulated_spans(emulator, tmp_path, ids.int(), MIXED.table, mask)
+    assert_spans_equal(got, numeric_spans_oracle(mixed_decode, ids, set(), mask), ids, value_ulps=1)
+
+
 # ---- Numca numca_values ----------------------------------------------------------------------------
 VALUES_CHUNK = 256  # tokens per chunk of the numca_values kernel (csrc/numca_values_kernel.cuh: kThreads)
 PREFIX_MULTIPLIERS = (0x9E3779B97F4A7C15 - (1 << 64), 0xC2B2AE3D27D4EB4F - (1 << 64))  # csrc/numca_values.cu
@@ -391,3 +465,55 @@ def test_numca_values_kernel_prefix_needs_enough_numbers(emulator, tmp_path, see
         got = emulated_values(emulator, tmp_path / match, spans, returns, group_index, mask, match=match)
         want = sk.numca_values(spans, returns, group_index, mask, match=match, backend="reference")
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ---- barriers: the emulator must catch a missing one ----------------------------------------------
+MUTANTS = {  # a barrier of a Numca kernel (file, the line as written) and what removing it races
+    "spans: warp totals stored": ("numca_kernel.cuh", "  __syncthreads();  // the warp totals are stored before any "
+                                  "thread reads them\n"),
+    "spans: warp totals read": ("numca_kernel.cuh", "  __syncthreads();  // every thread has read them before the next "
+                                "scan stores again\n"),
+    "values: chunk count read": ("numca_values_kernel.cuh", "    __syncthreads();  // every thread has read "
+                                 "s_scan[kThreads - 1]\n"),
+    "values: chunk done": ("numca_values_kernel.cuh", "    __syncthreads();  // the next chunk overwrites the shared "
+                           "arrays\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def mutant_emulators(tmp_path_factory, emulator):
+    """An emulator per entry of MUTANTS, built from a copy of the kernel without that barrier."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    built = {}
+    for name, (header, line) in MUTANTS.items():
+        source = (ROOT / "csrc" / header).read_text()
+        assert source.count(line) == 1, f"{name}: the barrier to remove is no longer in csrc/{header}"
+        directory = tmp_path_factory.mktemp("mutant")
+        (directory / header).write_text(source.replace(line, ""))
+        exe = directory / "emulate"
+        cmd = [cxx, "-std=c++20", "-O1", "-pthread", f"-I{directory}", f"-I{ROOT / 'csrc'}", f"-I{EMULATION}",
+               str(EMULATION / "emulate.cpp"), "-o", str(exe)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        built[name] = exe
+    return built
+
+
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+def test_emulator_catches_a_missing_barrier(emulator, mutant_emulators, tmp_path, seed, mutant):
+    """Without any one of their barriers the Numca kernels race on shared memory; the emulator fails the
+    run every time, whatever the OS threads' interleaving (its check counts barriers, it does not time
+    threads). The intact kernels pass the same inputs."""
+    rng = random.Random(seed)
+    spans_ids = torch.tensor([mixed_ids(" 12 -3.5 x1,000 ") * 25])  # 400 tokens: two chunks
+    values_inputs = values_case(rng, "last", VALUES_CHUNK + 45)  # two chunks
+
+    def run(exe, directory):
+        if mutant.startswith("spans"):
+            emulated_spans(exe, directory, spans_ids, MIXED.table)
+        else:
+            emulated_values(exe, directory, *values_inputs)
+
+    run(emulator, tmp_path / "intact")
+    with pytest.raises(AssertionError, match="shared memory race"):
+        run(mutant_emulators[mutant], tmp_path / "mutant")

@@ -1,4 +1,4 @@
-"""Every bad input of SPEC's common rules gets a ValueError/TypeError naming the argument."""
+"""Every bad input of the common rules of docs/CONTRACT.md gets a ValueError/TypeError naming the argument."""
 
 import math
 

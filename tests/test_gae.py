@@ -17,7 +17,7 @@ def right_padded_mask(batch, length, holes=True):
 
 
 def check(rewards, values, mask, gamma, lam, **kw):
-    adv, ret = sk.gae(rewards, values, mask, gamma, lam, **kw)
+    adv, ret = sk.gae(rewards, values, mask, gamma=gamma, lam=lam, **kw)
     want_adv, want_ret = gae_oracle(rewards, values, mask, gamma, lam)
     length = rewards.shape[1]
     assert adv.shape == ret.shape == rewards.shape

@@ -1,4 +1,4 @@
-"""numeric_spans (SPEC 2b) against the SPEC regex applied to the tokenizer's own decoded text."""
+"""numeric_spans (docs/CONTRACT.md §2b) against the §2b regex applied to the tokenizer's own decoded text."""
 
 import math
 import random

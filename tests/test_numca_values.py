@@ -1,4 +1,4 @@
-"""numca_values (SPEC 2c) against a plain-Python loop over the SPEC text (tests/oracles.py)."""
+"""numca_values (docs/CONTRACT.md §2c) against a plain-Python loop over the contract's text (tests/oracles.py)."""
 
 import random
 
@@ -144,7 +144,7 @@ def test_non_contiguous_inputs_are_accepted_and_never_modified(seed, match):
 
 
 def test_plain_tuple_and_list_spans(seed):
-    """SPEC: any NumericSpans, including one built by hand; a plain (end, key, value, start) sequence too."""
+    """Common rules of docs/CONTRACT.md: any NumericSpans, also built by hand; a plain (end, key, value, start) too."""
     spans = random_spans(5, 9, keys=2, density=0.4)
     returns, groups, mask = torch.randn(5), torch.tensor([0, 0, 1, 1, 1]), torch.rand(5, 9) > 0.1
     want = numca_values_oracle(spans.end, spans.key, returns, groups, mask, match="prefix")

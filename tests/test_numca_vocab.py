@@ -1,5 +1,6 @@
-"""NumericVocab (SPEC 2a): each token's bytes are what the tokenizer's own decode produces."""
+"""NumericVocab (docs/CONTRACT.md §2a): each token's bytes are what the tokenizer's own decode produces."""
 
+import pathlib
 import random
 import re
 
@@ -188,3 +189,30 @@ def test_from_token_bytes_marks_specials():
     assert vocab.token_bytes(1) == b"\x00" and vocab.special.tolist() == [False, True, False]
     spans = numeric_spans(torch.tensor([[0, 1, 2, 0, 2]]), vocab)
     assert spans.end[0].tolist() == [True, False, False, False, True]  # "1\x00212"
+
+
+@pytest.mark.parametrize("family", toy_tokenizers.FAMILIES)
+def test_toy_transformers_tokenizer_pads_a_batch(family):
+    """The toy tokenizers stand in for real ones in trainers: padding a batch must work, with the real
+    family's special-token roles."""
+    pytest.importorskip("transformers")
+    tok = toy_tokenizers.transformers_wrapper(family)
+    roles = toy_tokenizers.SPECIAL_TOKEN_ROLES[family]
+    for role, token in roles.items():
+        assert getattr(tok, role) == token and getattr(tok, role + "_id") == tok.convert_tokens_to_ids(token)
+    assert tok.pad_token is not None and tok.eos_token_id is not None or family == "bert"
+    batch = tok(["So 12 + 30 = 42.", "The total price is 1,234.50 dollars, so we get 7"], padding=True)
+    short, long_ = batch["input_ids"]
+    assert len(short) == len(long_) > 0
+    pads = [i for i, m in zip(short, batch["attention_mask"][0]) if m == 0]
+    assert pads and set(pads) == {tok.pad_token_id}
+    # The roles do not change the bytes NumericVocab reads.
+    _, vocab = tokenizer_and_vocab(family)
+    assert torch.equal(NumericVocab.from_tokenizer(tok).data, vocab.data)
+
+
+def test_toy_tokenizers_are_documented():
+    doc = toy_tokenizers.__doc__
+    assert all(family in doc for family in toy_tokenizers.FAMILIES) and "four" not in doc
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "toy_tokenizers" in readme and "transformers_wrapper" in readme

@@ -44,7 +44,7 @@ def test_compile_fullgraph_trainer_step(seed):
     def step(packed_hidden, packed_returns, rollout_ids, offsets, token_index, rewards, mask):
         out = sk.hista_values(packed_hidden, packed_returns, rollout_ids, offsets, temperature=0.3)
         values = torch.zeros(batch * length).index_put((token_index,), out.values).view(batch, length)
-        adv, ret = sk.gae(rewards, values, mask, 1.0, 0.95)
+        adv, ret = sk.gae(rewards, values, mask, gamma=1.0, lam=0.95)
         return sk.masked_whiten(adv, mask), ret
 
     args = (packed_hidden, packed_returns, packing.rollout_ids, packing.group_offsets, packing.token_index,
@@ -58,8 +58,8 @@ def test_compile_fullgraph_trainer_step(seed):
 def test_compile_fullgraph_inductor(seed):
     rewards, values = torch.randn(3, 40), torch.randn(3, 40)
     mask = torch.rand(3, 40) > 0.5
-    fn = torch.compile(lambda r, v, m: sk.gae(r, v, m, 0.99, 0.9)[0] * 2, fullgraph=True)
-    torch.testing.assert_close(fn(rewards, values, mask), sk.gae(rewards, values, mask, 0.99, 0.9)[0] * 2)
+    fn = torch.compile(lambda r, v, m: sk.gae(r, v, m, gamma=0.99, lam=0.9)[0] * 2, fullgraph=True)
+    torch.testing.assert_close(fn(rewards, values, mask), sk.gae(rewards, values, mask, gamma=0.99, lam=0.9)[0] * 2)
 
 
 def test_ops_are_registered_with_fake_impls():

@@ -64,7 +64,7 @@ def test_numeric_reward():
     assert rewards.numeric_match("7 then 8", "7") == 0.0  # the last number counts
     assert rewards.numeric_match("no number", "7") == 0.0
     assert rewards.numeric_match("-5", "5") == 0.0
-    assert rewards.numeric_match("x7", "7") == 0.0  # not a number by SPEC's pattern
+    assert rewards.numeric_match("x7", "7") == 0.0  # not a number by the §2b pattern
     assert rewards.numeric_match("anything", "no answer") == 0.0
 
 

@@ -143,3 +143,33 @@ def test_bad_inputs():
         metrics.score(np.array([0.1]), np.array([0.0, 1.0]), np.array([0, 0]))
     with pytest.raises(ValueError, match="no states"):
         metrics.score(np.array([]), np.array([]), np.array([]))
+
+
+def test_eval_table_says_which_way_is_better_and_explains_identical_rows():
+    import torch
+
+    from sveb_kernels.sveb.evaluate import EvalResult
+    from sveb_kernels.sveb.metrics import BETTER, METRICS
+
+    assert set(BETTER) == set(METRICS)
+    good = {"mse": 0.05, "mae": 0.1, "pearson": 0.8, "spearman": 0.7, "within_pearson": 0.6, "collapse_ratio": 0.9}
+    other = {m: v + 0.1 for m, v in good.items()}
+    near = {m: v + 0.0004 for m, v in good.items()}
+
+    class Batch:  # the cached hidden states of the eval batch, all of norm 2 as after a final RMSNorm
+        _hidden = 2 * torch.nn.functional.normalize(torch.randn(50, 8), dim=-1)
+
+    result = EvalResult(metrics={"hista_cos_t0.1": good, "hista_dot_t0.1": near, "rloo": other},
+                        estimates={}, batch=Batch())
+    text = result.table()
+    header, better = text.splitlines()[:2]
+    for metric in METRICS:
+        assert metric in header and BETTER[metric] in better
+    assert "lower is better" in better and "higher is better" in better
+    notes = [line for line in text.splitlines() if "identical rows" in line]
+    assert len(notes) == 1 and "hista_cos_t0.1 and hista_dot_t0.1" in notes[0]
+    assert "same norm" in notes[0] and "RMSNorm" in notes[0] and "2..2" in notes[0]
+    assert "rloo" not in notes[0]
+
+    distinct = EvalResult(metrics={"a": good, "b": other}, estimates={}, batch=Batch())
+    assert "identical rows" not in distinct.table()

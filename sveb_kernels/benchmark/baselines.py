@@ -53,7 +53,7 @@ def flex_attention_hista(hidden: Tensor, returns: Tensor, rollout_ids: Tensor, g
 
 
 def gae_loop(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """The per-token loop verl, TRL and OpenRLHF run today (SPEC section 3)."""
+    """The per-token loop verl, TRL and OpenRLHF run today (docs/CONTRACT.md §3)."""
     m = mask.to(torch.float32)
     r, v = rewards.float(), values.float()
     advantages = torch.zeros_like(r)

@@ -29,6 +29,8 @@ class Row:
     agree: Optional[bool] = None
     max_abs_diff: Optional[float] = None
     note: str = ""
+    spread_pct: Optional[float] = None  # (slowest - fastest) / median of the repeats, in percent
+    total_tokens: Optional[int] = None  # tokens of the whole batch (the "tok" of the case; the plot's x axis)
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Config:
     repeats: int = 5
     max_seconds: float = 10.0
     progress: bool = True
+    threads: int = 0  # torch CPU threads the run used (set by the command)
+    threads_why: str = ""
 
     def __post_init__(self):
         cuda = self.device.type == "cuda"
@@ -101,6 +105,7 @@ def _run_variant(row: Row, fn: Callable[[], object], config: Config, reference, 
         row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
         return None
     row.median_ms = m.median_s * 1e3
+    row.spread_pct = None if m.spread is None else 100 * m.spread
     row.peak_mib = None if m.peak_bytes is None else m.peak_bytes / 2**20
     if baseline_ms:
         row.speedup = baseline_ms / row.median_ms
@@ -159,26 +164,27 @@ def _hista_rows(config: Config, dtype: torch.dtype, ceilings: dict, progress: _P
                                                                       similarity=similarity, backend=b), True))
         work = _Work(case.flops, "TFLOP/s", 1e12, ceilings["matmul_flops_per_s"])
         rows += _measure_variants("hista_values", case.label, variants, config, progress, reference, compare, work,
-                                  tokens_per_group=tokens)
+                                  tokens_per_group=tokens, total_tokens=int(case.hidden.shape[0]))
     return rows
 
 
 def _gae_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row]:
     batch, length = config.gae_shape
     case = cases.gae_case(batch, length, config.device)
-    args = (case.rewards, case.values, case.mask, 1.0, 0.95)
-    reference = gae(*args, backend="reference")[0]
+    args, options = (case.rewards, case.values, case.mask), dict(gamma=1.0, lam=0.95)
+    reference = gae(*args, **options, backend="reference")[0]
     bound = 1e-5 * (1 + float(reference.abs().max())) * math.log2(length + 1)
 
     def compare(result, expected):
         diff = float((result[0] - expected).abs().max())
         return diff, diff <= bound
 
-    variants = [("per-token loop", lambda: baselines.gae_loop(*args), True)]
+    variants = [("per-token loop", lambda: baselines.gae_loop(*args, **options), True)]
     for backend in _backend.available_backends(config.device)["gae"]:
-        variants.append((backend, lambda b=backend: gae(*args, backend=b), True))
+        variants.append((backend, lambda b=backend: gae(*args, **options, backend=b), True))
     work = _Work(case.bytes_moved, "GB/s", 1e9, ceilings["copy_bytes_per_s"])
-    return _measure_variants("gae", case.label, variants, config, progress, reference, compare, work)
+    return _measure_variants("gae", case.label, variants, config, progress, reference, compare, work,
+                             total_tokens=batch * length)
 
 
 def _numca_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row]:
@@ -203,7 +209,8 @@ def _numca_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row
         variants.append((backend, lambda b=backend: numeric_spans(ids_d, vocab_d, mask_d, backend=b), True))
     # Bytes the op must move: ids and mask in; end, key, value, start out.
     work = _Work(ids.numel() * (ids.element_size() + 1 + 1 + 8 + 8 + 4), "GB/s", 1e9, ceilings["copy_bytes_per_s"])
-    rows = _measure_variants("numeric_spans", label, variants, config, progress, expected, compare, work)
+    rows = _measure_variants("numeric_spans", label, variants, config, progress, expected, compare, work,
+                             total_tokens=batch * length)
     rows[0].note = "what trainers do today"
 
     spans = numeric_spans(ids_d, vocab_d, mask_d, backend="reference")
@@ -218,7 +225,7 @@ def _numca_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row
     variants = [(backend, lambda b=backend: numca_values(spans, returns, group_index, mask_d, backend=b), True)
                 for backend in _backend.available_backends(config.device)["numca_values"]]
     rows += _measure_variants("numca_values", f"{label}, groups of 16", variants, config, progress, reference,
-                              compare_values, note="match=last")
+                              compare_values, note="match=last", total_tokens=batch * length)
     return rows
 
 
@@ -230,6 +237,15 @@ def run(config: Config) -> Report:
         "matmul": matmul_what,
         "copy_bytes_per_s": timing.copy_bytes_per_s(device, config.quick),
     }
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and threads > 1:
+        # What the threads could reach together: a loaded machine leaves the multi-threaded rate far
+        # below threads x the one-thread rate.
+        torch.set_num_threads(1)
+        try:
+            ceilings["matmul_flops_per_s_1thread"] = timing.matmul_flops_per_s(device)[0]
+        finally:
+            torch.set_num_threads(threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backends = _backend.available_backends(device)
     flex = device.type == "cuda" and config.hidden_size <= 256
@@ -248,4 +264,6 @@ def run(config: Config) -> Report:
             report.rows += _numca_rows(config, ceilings, progress)
     finally:
         progress.close()
+    # Measured again at the end: a machine whose speed changed during the run shows it here.
+    ceilings["matmul_flops_per_s_after"] = timing.matmul_flops_per_s(device)[0]
     return report

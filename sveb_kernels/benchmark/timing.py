@@ -23,6 +23,7 @@ class Measurement:
     median_s: float
     peak_bytes: Optional[int]
     repeats: int
+    spread: Optional[float] = None  # (slowest - fastest) / median of the repeats; None with one repeat
 
 
 def _sync(device: torch.device) -> None:
@@ -33,6 +34,21 @@ def _sync(device: torch.device) -> None:
 def time_median(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1,
                 max_seconds: float = 10.0) -> tuple[float, int]:
     """Median seconds per call; stops repeating early once max_seconds are spent."""
+    times = time_repeats(fn, device, repeats, warmup, max_seconds)
+    return statistics.median(times), len(times)
+
+
+def spread(times: list[float]) -> Optional[float]:
+    """How far the repeats of one measurement disagree: (slowest - fastest) / median. On a quiet
+    machine a few percent; when other processes take the cores, tens of percent or more."""
+    if len(times) < 2:
+        return None
+    return (max(times) - min(times)) / statistics.median(times)
+
+
+def time_repeats(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1,
+                 max_seconds: float = 10.0) -> list[float]:
+    """Seconds of each timed call, after warm-up; stops repeating early once max_seconds are spent."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -53,7 +69,7 @@ def time_median(fn: Callable[[], object], device: torch.device, repeats: int, wa
         spent += times[-1]
         if spent > max_seconds:
             break
-    return statistics.median(times), len(times)
+    return times
 
 
 @contextlib.contextmanager
@@ -106,8 +122,9 @@ def peak_added_bytes(fn: Callable[[], object], device: torch.device) -> Optional
 
 def measure(fn: Callable[[], object], device: torch.device, repeats: int, memory: bool = True,
             max_seconds: float = 10.0) -> Measurement:
-    median, done = time_median(fn, device, repeats, max_seconds=max_seconds)
-    return Measurement(median, peak_added_bytes(fn, device) if memory else None, done)
+    times = time_repeats(fn, device, repeats, max_seconds=max_seconds)
+    return Measurement(statistics.median(times), peak_added_bytes(fn, device) if memory else None, len(times),
+                       spread(times))
 
 
 def matmul_flops_per_s(device: torch.device) -> tuple[float, str]:
@@ -130,3 +147,19 @@ def copy_bytes_per_s(device: torch.device, quick: bool) -> float:
     dst = torch.empty_like(src)
     seconds, _ = time_median(lambda: dst.copy_(src), device, repeats=10 if device.type == "cuda" else 5)
     return 2 * src.numel() * src.element_size() / seconds
+
+
+def default_cpu_threads() -> tuple[int, str]:
+    """A thread count whose timings hold still: torch's default, less the cores other processes keep
+    busy (1-minute load average). Oversubscribed threads wait for each other at every parallel
+    region, which swings multi-threaded times by up to 10x and inverts speedups."""
+    threads = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows): keep torch's choice
+        return threads, f"torch's default ({threads})"
+    cores = os.cpu_count() or threads
+    free = max(1, int(cores - load + 0.5))
+    chosen = max(1, min(threads, free))
+    why = f"load average {load:.1f} on {cores} cores" + ("" if chosen == threads else f", so {chosen} of {threads}")
+    return chosen, why

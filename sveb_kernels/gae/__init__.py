@@ -1,4 +1,4 @@
-"""GAE: generalised advantage estimation as one fused scan (SPEC section 3), and `masked_whiten`.
+"""GAE: generalised advantage estimation as one fused scan (docs/CONTRACT.md §3), and `masked_whiten`.
 
 Exactly the recurrence LLM RL trainers (verl, TRL, OpenRLHF) run as a Python loop over tokens,
 masked positions skipped:
@@ -39,13 +39,13 @@ def gae(
     rewards: Tensor,
     values: Tensor,
     mask: Tensor,
+    *,
     gamma: float = 1.0,
     lam: float = 1.0,
     backend: str = "auto",
-    *,
     validate: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Advantages and returns by the SPEC 3 recurrence, computed as a parallel scan.
+    """Advantages and returns by the docs/CONTRACT.md §3 recurrence, computed as a parallel scan.
 
     Args:
         rewards: [B, T] float, per-token rewards (outcome reward usually on the last valid token).
@@ -74,7 +74,7 @@ def gae(
     return _ops.gae(rewards.detach(), values.detach(), mask, gamma, lam, backend)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """(x - mean) / sqrt(var + eps) over the positions where mask is nonzero (the usual PPO advantage
     normalisation): masked mean, unbiased masked variance. Like verl/TRL, every position of the
     result is whitened, masked ones included. With shift_mean=False the mean is added back.

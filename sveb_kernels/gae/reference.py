@@ -1,6 +1,6 @@
 """GAE in plain PyTorch as a parallel scan: no Python loop over tokens.
 
-The trainer loop of SPEC section 3 carries two states backwards in time. With m = mask[t] (0/1):
+The trainer loop of docs/CONTRACT.md §3 carries two states backwards in time. With m = mask[t] (0/1):
   nextv_t = m*v_t + (1-m)*nextv_{t+1}                  -> the value at the next valid position
   last_t  = (m*g*l + 1 - m)*last_{t+1} + m*(r_t + g*nextv_{t+1} - v_t)
 Both are the linear recurrence x_t = a_t*x_{t+1} + b_t, solved by `reverse_linear_scan` in log depth
@@ -75,7 +75,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
                 torch.empty(batch, 0, dtype=torch.float32, device=device))
     # Time-major [T, B] throughout, so the scan's steps move contiguous runs (one transposing copy
     # in, one out). The scans run in float32: their partial sums telescope like the loop's, so the
-    # error stays ~100x under SPEC's bound even at T=32k with gamma=lam=1 (measured; float64 scans
+    # error stays ~100x under the docs/CONTRACT.md §3 bound even at T=32k with gamma=lam=1 (measured; float64 scans
     # doubled the time). The per-step delta is formed in float64: with |values| >> |advantages| a
     # float32 delta would round at ulp(|v|) on every step and those errors add up along the row.
     v = values.T.to(torch.float32).contiguous()

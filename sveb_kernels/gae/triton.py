@@ -1,4 +1,4 @@
-"""GAE as one Triton kernel: the SPEC 3 recurrence as a blocked reverse linear-recurrence scan.
+"""GAE as one Triton kernel: the docs/CONTRACT.md §3 recurrence as a blocked reverse linear-recurrence scan.
 
 Imported only by the backend loader (TRITON_INTERPRET must be set before the kernel is defined).
 

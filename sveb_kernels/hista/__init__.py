@@ -1,5 +1,5 @@
 """Hista: a token's value is the softmax-weighted mean of the returns of the *other* rollouts of its
-prompt, weighted by similarity of the LLM's hidden states (SPEC section 1).
+prompt, weighted by similarity of the LLM's hidden states (docs/CONTRACT.md §1).
 
 For query token i of group g the keys are K(i) = {j in g : rollout_ids[j] != rollout_ids[i], key_mask[j]},
 the logits s(i, j) = sim(h_i, h_j) / temperature + key_bias[j], and

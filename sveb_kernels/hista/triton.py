@@ -34,7 +34,7 @@ allocator) and automatic warp specialization (Blackwell only in this Triton): ca
 second tuning round on Hopper once the sweep has numbers.
 
 Precision: bf16/fp16 products accumulate in fp32 on tensor cores; fp32 inputs use 3xTF32 (plain
-TF32 would miss the fp32 accuracy bound of SPEC 1); fp64 inputs are computed in fp32.
+TF32 would miss the fp32 accuracy bound of docs/CONTRACT.md §1); fp64 inputs are computed in fp32.
 
 Scheduling across groups of very different sizes: the host reads group_offsets (G+1 numbers), sorts
 the groups longest first and gives every work item one program; programs start in id order, so the

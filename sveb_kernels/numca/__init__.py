@@ -1,4 +1,4 @@
-"""Numca: numbers in the generated text as milestones (SPEC section 2).
+"""Numca: numbers in the generated text as milestones (docs/CONTRACT.md §2).
 
 A rollout that writes the number another rollout of the same prompt also wrote has probably reached
 the same intermediate result; the mean return of the rollouts that reached it estimates the value of
@@ -6,7 +6,7 @@ having reached it. Three pieces:
 
 - `NumericVocab.from_tokenizer(tok)`: for every token id, the bytes it adds to the decoded text
   (special tokens: one separator byte), plus the compact table the kernels read (`vocab.py`).
-- `numeric_spans(token_ids[B,T], vocab, mask)`: every match of the SPEC regex
+- `numeric_spans(token_ids[B,T], vocab, mask)`: every match of the regex of docs/CONTRACT.md §2b
 
       rb"(?<![0-9A-Za-z_.])-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\\.[0-9]+)?(?![0-9])"
 
@@ -113,11 +113,11 @@ def numeric_spans(
     token_ids: Tensor,
     vocab: Union[NumericVocab, Tensor],
     mask: Optional[Tensor] = None,
-    backend: str = "auto",
     *,
+    backend: str = "auto",
     validate: Optional[bool] = None,
 ) -> NumericSpans:
-    """Numbers in each row's text, reported at the token holding their last byte (SPEC 2b).
+    """Numbers in each row's text, reported at the token holding their last byte (docs/CONTRACT.md §2b).
 
     Args:
         token_ids: [B, T] int32/int64 token ids of the rows (prompt and/or response).
@@ -166,7 +166,7 @@ def numca_values(
     backend: str = "auto",
     validate: Optional[bool] = None,
 ) -> Tensor:
-    """Milestone values per token (SPEC 2c).
+    """Milestone values per token (docs/CONTRACT.md §2c).
 
     Args:
         spans: NumericSpans of the batch, from numeric_spans or built by hand, or a plain 4-tuple/list

@@ -1,6 +1,7 @@
 """Numca on the compiled extension: `torch.ops.sveb._cuda_numeric_spans` (csrc/numca.cu, kernel in
-csrc/numca_kernel.cuh): one thread per row walks the row's byte classes once, applying the closed-form
-regex of reference.py and hashing each number as it goes; and `torch.ops.sveb._cuda_numca_values`
+csrc/numca_kernel.cuh): one CTA per row scans the row's byte-class automata in chunks of 256 tokens
+(associative scans, as the Triton kernel does), applies the closed-form regex of reference.py in each
+token holding digits, and hashes each number from its start; and `torch.ops.sveb._cuda_numca_values`
 (csrc/numca_values.cu, kernel in csrc/numca_values_kernel.cuh): one CTA per row, threads over its
 tokens, each number walking the row's peers as the Triton kernel does.
 

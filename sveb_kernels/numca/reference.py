@@ -1,7 +1,7 @@
 """Numca in plain PyTorch: vectorized over tokens, digit runs and numbers; any device.
 
 numeric_spans works on the *class stream* of a row (one 4-bit class per byte, vocab.py) and uses a
-closed form of the SPEC regex in terms of maximal digit runs R (first byte S, last byte E, length
+closed form of the §2b regex in terms of maximal digit runs R (first byte S, last byte E, length
 |R|), derived from Python's leftmost-greedy matching:
 
   active(R)    = the byte before R is not in [A-Za-z_.]     (the lookbehind; it is never a digit)

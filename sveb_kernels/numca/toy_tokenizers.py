@@ -1,4 +1,4 @@
-"""Small tokenizers of the four Hugging Face families, trained locally (no hub access needed).
+"""Small tokenizers of six Hugging Face families, trained locally (no hub access needed).
 
 They have the same model types, pre-tokenizers, decoders and special tokens as the real ones, with a
 vocabulary of a few thousand tokens trained in well under a second on generated text full of numbers:
@@ -11,7 +11,9 @@ vocabulary of a few thousand tokens trained in well under a second on generated 
     t5        SentencePiece-style Unigram with a Metaspace decoder (T5, ALBERT, XLNet)
     bert      WordPiece with "##" continuations and the cleanup decoder (BERT)
 
-`build(family)` returns a `tokenizers.Tokenizer`; `SPECIAL_TOKENS[family]` lists its special tokens.
+`build(family)` returns a `tokenizers.Tokenizer`; `SPECIAL_TOKENS[family]` lists its special tokens;
+`transformers_wrapper(family)` is the same tokenizer as a transformers tokenizer with the family's
+bos/eos/pad tokens set (`SPECIAL_TOKEN_ROLES`), so `tok(texts, padding=True)` works.
 Used by the tests and by `bench/` (and usable by anyone who wants to try Numca without a download).
 """
 
@@ -29,6 +31,18 @@ SPECIAL_TOKENS = {
     "llama2": ["<unk>", "<s>", "</s>"],
     "t5": ["<pad>", "</s>", "<unk>"],
     "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+}
+# The roles of the special tokens, as in the real tokenizers. Where the real one has no pad token
+# (GPT-2, Llama, Qwen) pad is its eos, as RL trainers set it before padding a batch.
+SPECIAL_TOKEN_ROLES = {
+    "gpt2": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+             "pad_token": "<|endoftext|>"},
+    "llama3": {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": "<|end_of_text|>"},
+    "qwen2": {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},  # Qwen has no bos token
+    "llama2": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"},
+    "t5": {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"},
+    "bert": {"cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "[UNK]", "pad_token": "[PAD]",
+             "mask_token": "[MASK]"},
 }
 # Added tokens that are not special: they decode to their text like any other token.
 PLAIN_ADDED_TOKENS = {"qwen2": ["<think>", "</think>"], "llama3": [], "gpt2": [], "llama2": [], "t5": [], "bert": []}
@@ -171,9 +185,10 @@ def build(family: str, vocab_size: int = 2000):
 
 
 def transformers_wrapper(family: str, vocab_size: int = 2000):
-    """The same tokenizer behind transformers' PreTrainedTokenizerFast (needs `transformers`)."""
+    """The same tokenizer behind transformers' PreTrainedTokenizerFast (needs `transformers`), with the
+    family's special-token roles (SPECIAL_TOKEN_ROLES), so padding a batch works."""
     from transformers import PreTrainedTokenizerFast
 
     specials = SPECIAL_TOKENS[family]
     return PreTrainedTokenizerFast(tokenizer_object=build(family, vocab_size), clean_up_tokenization_spaces=False,
-                                   additional_special_tokens=specials)
+                                   additional_special_tokens=specials, **SPECIAL_TOKEN_ROLES[family])

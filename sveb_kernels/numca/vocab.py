@@ -1,4 +1,4 @@
-"""NumericVocab: for every token id, the bytes it contributes to the decoded text (SPEC 2a), and the
+"""NumericVocab: for every token id, the bytes it contributes to the decoded text (docs/CONTRACT.md §2a), and the
 compact per-token table the Numca kernels read.
 
 Bytes. `from_tokenizer` runs the tokenizer's own decoder configuration (tokenizer.json "decoder")
@@ -326,7 +326,7 @@ def _generic_decode_fn(tokenizer):
 
 
 class NumericVocab:
-    """For every token id, the bytes it contributes to the decoded text (SPEC 2a).
+    """For every token id, the bytes it contributes to the decoded text (docs/CONTRACT.md §2a).
 
     Build with `NumericVocab.from_tokenizer(tokenizer)` (a `tokenizers.Tokenizer` or any transformers
     tokenizer) or `NumericVocab.from_token_bytes(list_of_bytes)`. `vocab.table` is the int64

@@ -22,7 +22,7 @@ and each record (a *group*: one prompt and its G rollouts) is
         ...]}
 
 A state (rollout, t) is the prefix prompt_ids + response_ids[: t + 1], the context a per-token value
-estimate at token t sees (as in SPEC: the value at token t includes token t). docs/SVEB.md has
+estimate at token t sees (as in docs/CONTRACT.md §2c: the value at token t includes token t). docs/SVEB.md has
 the long version. `meta.json` is optional when reading; a single .jsonl/.parquet file is accepted too.
 """
 

@@ -15,7 +15,7 @@ import torch
 from .batch import HiddenFn, MissingInputError, SvebBatch
 from .data import Dataset
 from .estimators import as_estimator
-from .metrics import METRICS, score
+from .metrics import BETTER, METRICS, score
 
 
 @dataclass
@@ -38,7 +38,8 @@ class EvalResult:
         names = list(self.metrics)
         width = max([len("estimator")] + [len(n) for n in names])
         header = f"{'estimator'.ljust(width)}  " + "  ".join(m.rjust(22) for m in METRICS)
-        lines = [header, "-" * len(header)]
+        better = f"{''.ljust(width)}  " + "  ".join(f"({BETTER[m]})".rjust(22) for m in METRICS)
+        lines = [header, better, "-" * len(header)]
         for name in names:
             cells = []
             for m in METRICS:
@@ -51,7 +52,43 @@ class EvalResult:
             lines.append(f"{name.ljust(width)}  skipped: {why}")
         facts = ", ".join(f"{k}={self.meta[k]}" for k in ("eval_groups", "eval_rollouts", "eval_states", "bootstrap")
                           if k in self.meta)
-        return "\n".join(lines + ["", facts])
+        notes = ["collapse_ratio: 0 = constant within each prompt (no per-state signal), 1 = spreads within a "
+                 "prompt as much as the true values; [lo,hi] = 95% group-bootstrap interval"]
+        notes += self.identical_rows_notes()
+        return "\n".join(lines + ["", facts] + notes)
+
+    def identical_rows_notes(self) -> list[str]:
+        """Why two rows can show the same numbers (explained for Hista's cosine and dot)."""
+        def same(x: dict, y: dict) -> bool:  # equal up to the last digit the table shows
+            return all(abs(x.get(m, math.nan) - y.get(m, math.nan)) <= 1.5e-3 for m in METRICS)
+
+        groups: list[list[str]] = []
+        for name, row in self.metrics.items():
+            match = next((g for g in groups if same(self.metrics[g[0]], row)), None)
+            if match is None:
+                groups.append([name])
+            else:
+                match.append(name)
+        notes = []
+        for names in (g for g in groups if len(g) > 1):
+            note = f"{' and '.join(names)}: identical rows (equal up to the last digit shown)."
+            temperatures = {n.split("_t", 1)[-1] for n in names}
+            if {n.split("_t", 1)[0] for n in names} == {"hista_cos", "hista_dot"} and len(temperatures) == 1:
+                note += (" Hista's dot similarity equals cosine when all hidden states have the same norm (as after"
+                         " a final RMSNorm/LayerNorm), because the dot temperature is in units of the mean squared"
+                         " norm" + self._norm_fact() + ".")
+            notes.append(note)
+        return notes
+
+    def _norm_fact(self) -> str:
+        hidden = getattr(self.batch, "_hidden", None)  # only if computed: never run the model for a note
+        if not isinstance(hidden, torch.Tensor) or hidden.numel() == 0:
+            return ""
+        norms = torch.linalg.vector_norm(hidden.float(), dim=-1)
+        norms = norms[norms > 0]
+        if norms.numel() == 0:
+            return ""
+        return f"; here hidden-state norms span {float(norms.min()):.4g}..{float(norms.max()):.4g}"
 
 
 def _finite_or_none(obj):

@@ -25,6 +25,9 @@ from typing import Optional
 import numpy as np
 
 METRICS = ("mse", "mae", "pearson", "spearman", "within_pearson", "collapse_ratio")
+# Which way is better, for the table's header.
+BETTER = {"mse": "lower is better", "mae": "lower is better", "pearson": "higher is better",
+          "spearman": "higher is better", "within_pearson": "higher is better", "collapse_ratio": "1 = varies as truth"}
 # Relative size below which a spread counts as zero (float noise of a constant estimator).
 _ZERO_SPREAD = 1e-12
 

@@ -1,8 +1,8 @@
 """Reward functions for `sveb build`: fn(response_text, answer, prompt) -> float.
 
 The default, `numeric`, compares the last number of the response with the last number of the
-reference answer, both in the canonical form of SPEC 2b ("1,000" == "1000" == "1000.00"), with the
-number pattern SPEC 2b defines. Any other function is plugged in as 'module:function' or
+reference answer, both in the canonical form of docs/CONTRACT.md §2b ("1,000" == "1000" == "1000.00"), with the
+number pattern docs/CONTRACT.md §2b defines. Any other function is plugged in as 'module:function' or
 'file.py:function'.
 """
 
@@ -17,7 +17,7 @@ RewardFn = Callable[[str, str, str], float]
 
 
 def canonical_number(text: str) -> str:
-    """SPEC 2b's canonical form of one matched number."""
+    """The canonical form (docs/CONTRACT.md §2b) of one matched number."""
     negative = text.startswith("-")
     digits = text.lstrip("-").replace(",", "")
     whole, _, fraction = digits.partition(".")

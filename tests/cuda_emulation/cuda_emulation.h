@@ -6,7 +6,11 @@
 // timeout reports it).
 //
 // It checks what the hardware would not report clearly: cp.async/ldmatrix accesses out of the
-// dynamic shared buffer or misaligned, cp.async reads of unaligned global addresses.
+// dynamic shared buffer or misaligned, cp.async reads of unaligned global addresses; and for shared
+// arrays a kernel declares as CheckedShared (numca_kernel.cuh's SharedArray), races: two threads
+// touching one element between the same two __syncthreads, one of them writing, fail however the
+// OS threads happen to interleave (warp shuffles do not count as barriers, as on the GPU, where
+// they order nothing in shared memory); so do reads of elements this CTA never wrote.
 // Dynamic shared memory starts as NaN bytes, so reading a stage that was never filled shows up.
 // cp.async copies land either at issue ("early") or only when cp.async.wait_group retires their group
 // ("late"): a kernel that reads a stage before waiting for it fails in late mode, one that refills a
@@ -20,6 +24,7 @@
 #define SVEB_CPU_EMULATION 1
 
 #include <array>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -27,6 +32,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -83,6 +89,8 @@ inline Block* g_block = nullptr;
 inline size_t g_shared_bytes = 0;
 inline CopyMode g_copy_mode = CopyMode::kEarly;
 inline thread_local dim3 thread_idx, block_idx, block_dim;
+inline std::atomic<uint64_t> g_block_serial{0};  // distinguishes CTAs, across launches too
+inline thread_local uint64_t barriers_passed = 0;  // __syncthreads this thread has passed in its CTA
 
 struct PendingCopy {
   void* dst;
@@ -94,6 +102,85 @@ inline thread_local std::vector<size_t> group_ends;  // committed groups, as end
 
 inline void sync() { g_block->barrier.arrive_and_wait(); }
 
+// A CTA-wide barrier in the kernel's sense (__syncthreads and its reductions): it orders shared memory.
+inline void block_barrier() {
+  sync();
+  ++barriers_passed;
+}
+
+// A __shared__ T[N] whose accesses are checked for races. Two accesses of one element by different
+// threads of a CTA are ordered only if a barrier lies between them, i.e. the threads had passed
+// different numbers of barriers; with barriers as the kernel's only synchronisation that is exact,
+// so the check does not depend on how the OS interleaves the threads.
+template <class T, int N>
+class CheckedShared {
+  struct Record {
+    uint64_t block = ~0ull;     // CTA of the last write
+    uint64_t epoch = 0;         // barriers its writer had passed
+    unsigned writer = 0;
+    uint64_t read_block = ~0ull, read_epoch = 0;  // the reads since
+    unsigned reader = 0;
+    bool many_readers = false;
+  };
+  T data_[N];
+  Record records_[N];
+  std::mutex lock_;
+
+  Record& record(int i, const char* what) {
+    if (i < 0 || i >= N) fail(what);
+    return records_[i];
+  }
+  [[noreturn]] static void race(const char* kind, int i, unsigned other) {
+    char text[200];
+    std::snprintf(text, sizeof text, "shared memory race (%s): element %d, threads %u and %u, no barrier between",
+                  kind, i, other, thread_idx.x);
+    fail(text);
+  }
+
+ public:
+  T load(int i) {
+    const std::lock_guard<std::mutex> hold(lock_);
+    Record& r = record(i, "shared array read out of bounds");
+    const uint64_t block = g_block_serial.load(), epoch = barriers_passed;
+    const unsigned me = thread_idx.x;
+    if (r.block != block) fail("shared memory race or uninitialised read: element read before this CTA wrote it");
+    if (r.epoch == epoch && r.writer != me) race("read after write", i, r.writer);
+    if (r.read_block == block && r.read_epoch == epoch) {
+      r.many_readers |= r.reader != me;
+    } else {
+      r.read_block = block;
+      r.read_epoch = epoch;
+      r.reader = me;
+      r.many_readers = false;
+    }
+    return data_[i];
+  }
+  void store(int i, T v) {
+    const std::lock_guard<std::mutex> hold(lock_);
+    Record& r = record(i, "shared array write out of bounds");
+    const uint64_t block = g_block_serial.load(), epoch = barriers_passed;
+    const unsigned me = thread_idx.x;
+    if (r.block == block && r.epoch == epoch && r.writer != me) race("write after write", i, r.writer);
+    if (r.read_block == block && r.read_epoch == epoch && (r.many_readers || r.reader != me)) {
+      race("write after read", i, r.reader);
+    }
+    r = Record{block, epoch, me, ~0ull, 0, 0, false};
+    data_[i] = v;
+  }
+
+  struct Element {
+    CheckedShared& array;
+    int i;
+    operator T() const { return array.load(i); }
+    Element& operator=(T v) {
+      array.store(i, v);
+      return *this;
+    }
+    Element& operator=(const Element& other) { return *this = static_cast<T>(other); }
+  };
+  Element operator[](int i) { return {*this, i}; }
+};
+
 inline void check_shared_range(const void* p, size_t bytes, const char* what) {
   auto* base = g_block->shared_base();
   auto* q = static_cast<const unsigned char*>(p);
@@ -104,6 +191,7 @@ inline void check_shared_range(const void* p, size_t bytes, const char* what) {
 template <class F>
 void launch(unsigned grid, unsigned threads, size_t shared_bytes, F body) {
   for (unsigned b = 0; b < grid; ++b) {
+    ++g_block_serial;
     auto block = std::make_unique<Block>(threads, shared_bytes);
     g_block = block.get();
     g_shared_bytes = shared_bytes;
@@ -112,6 +200,7 @@ void launch(unsigned grid, unsigned threads, size_t shared_bytes, F body) {
     for (unsigned t = 0; t < threads; ++t) {
       pool.emplace_back([&, t] {
         thread_idx = {t, 0, 0};
+        barriers_passed = 0;
         block_idx = {b, 0, 0};
         block_dim = {threads, 1, 1};
         pending_copies.clear();
@@ -151,12 +240,12 @@ inline float to_float(__half x) {  // IEEE binary16, by hand: no compiler suppor
 #define blockDim (::emu::block_dim)
 #define SVEB_DYNAMIC_SHARED(name) unsigned char* name = ::emu::g_block->shared_base()
 
-inline void __syncthreads() { emu::sync(); }
+inline void __syncthreads() { emu::block_barrier(); }
 
 inline int syncthreads_reduce(int v, bool all) {
   auto& slots = emu::g_block->slots;
   slots[threadIdx.x][0] = v != 0;
-  emu::sync();
+  emu::block_barrier();
   int r = all ? 1 : 0;
   for (unsigned t = 0; t < emu::g_block->threads; ++t) {
     const int x = static_cast<int>(slots[t][0]);
@@ -178,6 +267,20 @@ T __shfl_down_sync(unsigned mask, T v, int delta) {
   emu::sync();
   T r = v;  // lanes past the warp's end get their own value, as on the GPU
   if (lane + delta < 32) std::memcpy(&r, &slots[tid + delta][0], sizeof(T));
+  emu::sync();
+  return r;
+}
+
+template <class T>
+T __shfl_up_sync(unsigned mask, T v, int delta) {
+  static_assert(sizeof(T) <= 8, "one slot per value");
+  if (mask != 0xffffffffu) emu::fail("only full-warp shuffles are emulated");
+  auto& slots = emu::g_block->slots;
+  const unsigned tid = threadIdx.x, lane = tid & 31;
+  std::memcpy(&slots[tid][0], &v, sizeof(T));
+  emu::sync();
+  T r = v;  // lanes below delta get their own value, as on the GPU
+  if (lane >= static_cast<unsigned>(delta)) std::memcpy(&r, &slots[tid - delta][0], sizeof(T));
   emu::sync();
   return r;
 }

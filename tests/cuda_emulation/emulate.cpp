@@ -150,7 +150,8 @@ int run_gae(const std::string& dir) {
   return 0;
 }
 
-// As csrc/numca.cu: outputs start at their defaults, the kernel writes the tokens where numbers end.
+// As csrc/numca.cu. The outputs start as garbage (the host allocates them uninitialised): the kernel
+// must write every element.
 int run_numca(const std::string& dir) {
   using namespace sveb::numca_kernels;
   const Params params = read_params(dir);
@@ -165,10 +166,10 @@ int run_numca(const std::string& dir) {
   const auto table = read_array<int64_t>(dir, "table.bin", static_cast<size_t>(vocab * cols));
   std::vector<unsigned char> mask;
   if (number(params, "has_mask") != 0) mask = read_array<unsigned char>(dir, "mask.bin", count);
-  std::vector<unsigned char> end(count, 0);
-  std::vector<int64_t> key(count, 0);
-  std::vector<double> value(count, NAN);
-  std::vector<int32_t> start(count, -1);
+  std::vector<unsigned char> end(count, 0xAB);
+  std::vector<int64_t> key(count, 12345);
+  std::vector<double> value(count, 12345.0);
+  std::vector<int32_t> start(count, 12345);
   SpansParams p{};
   p.ids = int32_ids ? static_cast<const void*>(ids32.data()) : static_cast<const void*>(ids64.data());
   p.mask = mask.empty() ? nullptr : reinterpret_cast<const bool*>(mask.data());
@@ -181,8 +182,7 @@ int run_numca(const std::string& dir) {
   p.key = key.data();
   p.value = value.data();
   p.start = start.data();
-  const auto blocks = static_cast<unsigned>((batch + kThreads - 1) / kThreads);
-  emu::launch(blocks, kThreads, 0, [&] {
+  emu::launch(static_cast<unsigned>(batch), kThreads, 0, [&] {
     if (int32_ids) {
       numeric_spans_kernel<int32_t>(p);
     } else {

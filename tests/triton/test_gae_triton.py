@@ -1,4 +1,4 @@
-"""The Triton GAE kernel against the float64 trainer loop (tests/oracles.py), SPEC 3 accuracy bound.
+"""The Triton GAE kernel against the float64 trainer loop (tests/oracles.py), docs/CONTRACT.md §3 accuracy bound.
 
 Without a GPU: CPU tensors under TRITON_INTERPRET=1; on a GPU machine the same cases run compiled,
 and the tests marked `gpu` add the real sizes (T = 32k rows, B = 64).
@@ -25,10 +25,10 @@ pytestmark = pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(
 
 
 def check(rewards, values, mask, gamma, lam, block_t=None):
-    """Runs the triton backend on DEVICE and compares with the loop within SPEC's bound."""
+    """Runs the triton backend on DEVICE and compares with the loop within the §3 bound."""
     args = [t.to(DEVICE) for t in (rewards, values, mask)]
     if block_t is None:
-        adv, ret = sk.gae(*args, gamma, lam, backend="triton")
+        adv, ret = sk.gae(*args, gamma=gamma, lam=lam, backend="triton")
     else:
         from sveb_kernels.gae import triton as gae_triton
         adv, ret = gae_triton.gae(*args, gamma, lam, block_t=block_t)
@@ -130,7 +130,7 @@ def test_large_values_small_advantages(seed, offset):
     rewards = torch.randn(batch, length) * 0.01
     mask = torch.rand(batch, length) > 0.2
     for gamma, lam in ((1.0, 1.0), (0.99, 0.95)):
-        adv, ret = sk.gae(rewards, values, mask, gamma, lam, backend="triton")
+        adv, ret = sk.gae(rewards, values, mask, gamma=gamma, lam=lam, backend="triton")
         want_adv, want_ret = gae_oracle(rewards, values, mask, gamma, lam)
         bound = 1e-5 * (1 + float(want_adv.abs().max())) * math.log2(length + 1)
         assert (adv.double() - want_adv).abs().max() <= bound

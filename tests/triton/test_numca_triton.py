@@ -1,4 +1,4 @@
-"""The Numca Triton kernels against the regex oracle and the reference (SPEC 2b, 2c).
+"""The Numca Triton kernels against the regex oracle and the reference (docs/CONTRACT.md §2b, §2c).
 
 Without a GPU: CPU tensors under TRITON_INTERPRET=1 (small cases: the interpreter runs a scan's
 combine once per element in Python); on a GPU machine the same cases run compiled, and the tests
