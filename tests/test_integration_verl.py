@@ -548,3 +548,248 @@ def test_gpu_recipe_overrides_compose_with_verls_config(estimator):
 def test_options_reject_a_scalar_where_a_section_belongs():
     with pytest.raises(TypeError, match="algorithm.sveb.numca must be a mapping"):
         plugin.Options.from_config({"sveb": {"numca": "prefix"}})
+
+
+# ------------------------------------------------------ sveb_hista inside verl's actor workers (engine)
+def _verl_on_cpu():
+    """verl picks the CUDA platform on a CUDA build of torch even without a GPU; point the device
+    helpers verl's engine path imported by name at the CPU."""
+    import verl.utils.device as device
+
+    cpu = {device.get_device_id: lambda: "cpu", device.get_device_name: lambda: "cpu"}
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("verl"):
+            for name, value in list(vars(module).items()):
+                if callable(value) and value in cpu:
+                    setattr(module, name, cpu[value])
+
+
+def _engine(model):
+    """verl's own FSDP LM-head engine class, without FSDP: its forward path (micro-batching, dynamic
+    batch reordering, padding removal, output post-processing) runs on the plain tiny model."""
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    engine = object.__new__(FSDPEngineWithLMHead)
+    engine.module, engine.use_ulysses_sp, engine.ulysses_device_mesh = model, False, None
+    engine.ulysses_sequence_parallel_size, engine.pad_to_length = 1, False
+    engine._autocast_dtype = torch.float32  # verl's mixed-precision setting; fp32 lets the test compare exactly
+    return engine
+
+
+def _rollouts(seed, vocab, rows=10, groups=3):
+    """What verl's TransferQueue hands the actor: per-rollout nested prompt+response ids, the
+    response mask and per-token scores, and the prompt ids (groups interleaved over the rows)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(2, 8, (rows,), generator=g).tolist()
+    responses = torch.randint(1, 10, (rows,), generator=g).tolist()
+    uid = [f"prompt-{int(i)}" for i in torch.randint(0, groups, (rows,), generator=g)]
+    ids = [torch.randint(0, vocab, (p + r,), generator=g) for p, r in zip(prompts, responses)]
+    scores = [torch.zeros(r).index_fill_(0, torch.tensor([r - 1]), float(torch.randn((), generator=g)))
+              for r in responses]
+    return prompts, responses, uid, ids, scores
+
+
+def _engine_batch(rows, prompts, responses, uid, ids, scores, request, **settings):
+    from tensordict import NonTensorStack, TensorDict
+    from verl.utils import tensordict_utils as tu
+
+    def nested(tensors):
+        return torch.nested.as_nested_tensor(list(tensors), layout=torch.jagged)
+
+    data = TensorDict({
+        "input_ids": nested(ids[i] for i in rows),
+        "position_ids": nested(torch.arange(len(ids[i])) for i in rows),
+        "attention_mask": nested(torch.ones(len(ids[i]), dtype=torch.long) for i in rows),
+        "response_mask": nested(torch.ones(responses[i], dtype=torch.long) for i in rows),
+        "loss_mask": nested(torch.cat([torch.zeros(prompts[i]), torch.ones(responses[i])]).long() for i in rows),
+        "rm_scores": nested(scores[i] for i in rows),
+    }, batch_size=[len(rows)])
+    data["uid"] = NonTensorStack(*[uid[i] for i in rows])
+    tu.assign_non_tensor(data, use_fused_kernels=False, calculate_entropy=False, compute_loss=False,
+                         temperature=1.0, **settings)
+    if request is not None:
+        tu.assign_non_tensor(data, **{plugin.HISTA_REQUEST_KEY: request})
+    return data
+
+
+def _direct_values(model, layer, prompts, responses, uid, ids, scores, options):
+    """The oracle path: each rollout through the model alone with output_hidden_states, the states
+    before its response tokens, then one direct sveb_kernels.hista_values over all rollouts."""
+    import sveb_kernels as sk
+
+    states = []
+    with torch.no_grad():
+        for i, x in enumerate(ids):
+            hidden = model(input_ids=x[None], output_hidden_states=True).hidden_states[layer][0]
+            states.append(hidden[prompts[i] - 1: prompts[i] + responses[i] - 1])
+    order = sorted(range(len(ids)), key=lambda i: (uid[i], i))
+    hidden = torch.cat([states[i] for i in order])
+    rollout_ids = torch.tensor([i for i in order for _ in range(responses[i])], dtype=torch.int32)
+    returns = torch.tensor([float(scores[i].sum()) for i in order for _ in range(responses[i])])
+    sizes = [sum(responses[i] for i in order if uid[i] == u) for u in sorted(set(uid))]
+    offsets = torch.tensor([0] + np.cumsum(sizes).tolist())
+    temperature = options.hista.temperature
+    if options.hista.similarity == "dot":
+        temperature *= float(hidden.float().pow(2).sum(1).mean())
+    values = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=temperature,
+                             similarity=options.hista.similarity).values
+    by_row = dict(zip(order, values.split([responses[i] for i in order])))
+    return [by_row[i] for i in range(len(ids))]
+
+
+ENGINE_CASES = [  # (layer, similarity, verl's forward settings)
+    # verl's default: padding removed (rollouts packed into one row), dynamic batch size (micro-batches
+    # regrouped by length, the outputs restored to the batch's order).
+    (-1, "cosine", dict(use_remove_padding=True, use_dynamic_bsz=True, max_token_len_per_gpu=24)),
+    # Padded forward, fixed micro-batch size.
+    (1, "dot", dict(use_remove_padding=False, use_dynamic_bsz=False, micro_batch_size_per_gpu=5)),
+]
+
+
+def _engine_worker(rank, world, init_file, out_dir, seed):
+    import datetime
+    import json
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    log = []
+    try:
+        _verl_on_cpu()
+        from sveb_kernels.sveb import tiny
+
+        model = tiny.build_model(tiny.build_tokenizer(), seed=0, layers=3, hidden_size=32).eval()
+        solo = [dist.new_group([r]) for r in range(world)][rank]
+        for case, (layer, similarity, settings) in enumerate(ENGINE_CASES):
+            options = plugin.Options(hista=plugin.HistaOptions(layer=layer, similarity=similarity))
+            rollouts = _rollouts(seed + case, model.config.vocab_size)
+            want = _direct_values(model, layer, *rollouts, options)
+            request = plugin.hista_request(options)
+            rows = len(want)
+            # 1. This rank's share of the batch (a prompt's rollouts spread over ranks): the values
+            #    are those of all ranks' rollouts together (sveb_kernels.distributed over verl's dp group).
+            mine = list(range(rank, rows, world))
+            engine = _engine(model)
+            out = engine.infer_batch(_engine_batch(mine, *rollouts, request, **settings))
+            got = out["model_output"]["values"].unbind()
+            assert len(got) == len(mine)
+            for i, v in zip(mine, got):
+                torch.testing.assert_close(v, want[i], rtol=0, atol=2e-5)
+            # 2. The whole batch on one rank (a one-rank dp group): the single-process op.
+            if rank == 0:
+                engine.get_data_parallel_group = lambda: solo
+                out = engine.infer_batch(_engine_batch(list(range(rows)), *rollouts, request, **settings))
+                for i, v in enumerate(out["model_output"]["values"].unbind()):
+                    torch.testing.assert_close(v, want[i], rtol=0, atol=2e-5)
+                # Without the request, verl's forward is untouched: no hook, no values.
+                plain = engine.infer_batch(_engine_batch(list(range(rows)), *rollouts, None, **settings))
+                assert set(plain["model_output"]) == {"log_probs"}
+                torch.testing.assert_close(plain["model_output"]["log_probs"].values(),
+                                           out["model_output"]["log_probs"].values(), rtol=0, atol=0)
+            log.append(f"case {case}")
+    except BaseException:
+        log.append("FAILED " + traceback.format_exc())
+        raise
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(log, f)
+        dist.destroy_process_group()
+
+
+def test_hista_values_in_verls_engine_forward_equal_the_op(tmp_path, seed):
+    """verl's actor forward (its FSDP engine's infer_batch, micro-batching, dynamic batch order,
+    padding removal or not) with the plugin's hook, on 2 gloo ranks with prompts split over them and
+    on one rank with the whole batch, against each rollout run alone through the model and one
+    direct `hista_values` call."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    world = 2
+    try:
+        mp.spawn(_engine_worker, args=(world, str(tmp_path / "init"), str(tmp_path), seed), nprocs=world, join=True)
+    except Exception:
+        failures = [line for rank in range(world) if (tmp_path / f"rank{rank}.json").exists()
+                    for line in json.loads((tmp_path / f"rank{rank}.json").read_text()) if line.startswith("FAILED")]
+        pytest.fail("\n\n".join(failures) or "a rank died without a log")
+    for rank in range(world):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [f"case {c}" for c in range(len(ENGINE_CASES))]
+
+
+def test_worker_patches_exist_with_the_expected_signatures():
+    from verl.trainer.ppo.v1 import trainer_base
+    from verl.workers.engine import base
+    from verl.workers.engine.fsdp import transformer_impl
+
+    assert plugin._state.worker_error is None
+    for cls, method, expected in (
+        (base.BaseEngine, plugin.ENGINE_METHOD, plugin.ENGINE_EXPECTED_PARAMETERS),
+        (transformer_impl.FSDPEngineWithLMHead, plugin.FSDP_METHOD, plugin.FSDP_EXPECTED_PARAMETERS),
+        (trainer_base.PPOTrainer, plugin.V1_LOG_PROB_METHOD, plugin.V1_LOG_PROB_EXPECTED_PARAMETERS),
+    ):
+        wrapped = getattr(cls, method)
+        assert tuple(inspect.signature(wrapped.__sveb_original__).parameters) == expected
+        assert inspect.signature(wrapped) == inspect.signature(wrapped.__sveb_original__)
+    # The FSDP engine inherits the wrapped infer_batch, and verl's worker calls it by that name.
+    assert transformer_impl.FSDPEngineWithLMHead.infer_batch is base.BaseEngine.infer_batch
+    assert hasattr(transformer_impl.FSDPEngine, "_gather_and_unpad_packed")
+    from verl.workers import engine_workers
+
+    assert "self.engine.infer_batch(data, loss_function=loss_function)" in inspect.getsource(
+        engine_workers.TrainingWorker.infer_batch)
+
+
+def test_wrap_method_refuses_an_unknown_signature():
+    from types import ModuleType
+
+    module = ModuleType("fake_verl_module")
+
+    class Engine:
+        def infer_batch(self, data, loss_function=None, extra=None):
+            return "original"
+
+    module.BaseEngine = Engine
+    problem = plugin._wrap_method(module, "BaseEngine", "infer_batch", plugin.ENGINE_EXPECTED_PARAMETERS,
+                                  plugin.wrap_engine_infer_batch)
+    assert "expected" in problem and "extra" in problem
+    assert Engine().infer_batch(None) == "original"  # left alone
+    assert "has no" in plugin._wrap_method(module, "Missing", "infer_batch", (), plugin.wrap_engine_infer_batch)
+
+
+def test_old_log_prob_step_carries_the_hista_request_for_that_call_only():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    seen = []
+
+    def original(self, batch, metrics):
+        seen.append(dict(batch.extra_info))
+        return SimpleNamespace(extra_info=dict(batch.extra_info))  # a new batch meta, as verl returns
+
+    wrapped = plugin.wrap_v1_compute_old_log_prob(original)
+    config = OmegaConf.create({"algorithm": {"adv_estimator": "sveb_hista",
+                                             "sveb": {"backend": "reference", "hista": {"layer": 2, "temperature": 0.5}}}})
+    trainer = SimpleNamespace(config=config, use_critic=False)
+    batch = SimpleNamespace(extra_info={"temperature": 1.0})
+    out = wrapped(trainer, batch, {})
+    assert seen[-1][plugin.HISTA_REQUEST_KEY] == {"layer": 2, "temperature": 0.5, "similarity": "cosine",
+                                                   "backend": "reference"}
+    assert plugin.HISTA_REQUEST_KEY not in batch.extra_info and plugin.HISTA_REQUEST_KEY not in out.extra_info
+    options = plugin._options_from_request(seen[-1][plugin.HISTA_REQUEST_KEY])
+    assert options.backend == "reference" and options.hista == plugin.HistaOptions(layer=2, temperature=0.5)
+
+    config.algorithm.adv_estimator = "grpo"  # every other estimator: verl's call, untouched
+    wrapped(trainer, batch, {})
+    assert plugin.HISTA_REQUEST_KEY not in seen[-1]
+
+    config.algorithm.adv_estimator = "sveb_hista"
+    with pytest.raises(ValueError, match="critic.enable=False"):
+        wrapped(SimpleNamespace(config=config, use_critic=True), batch, {})
+    config.algorithm.sveb.hista.layer = "last"
+    with pytest.raises(TypeError, match="layer"):
+        plugin.HiddenStateCapture(torch.nn.Module(), layer=plugin._options_from_request(
+            plugin.hista_request(plugin.Options.from_config(config.algorithm))).hista.layer)

@@ -412,6 +412,243 @@ def hista_values_for_rollouts(hidden: Tensor, scores: Tensor, response_mask: Ten
     return hista.estimate(rollouts).masked_fill(~mask, 0.0)
 
 
+# -------------------------------------------------------------- Hista inside verl's actor workers
+# The driver asks for Hista values by one non-tensor entry of the actor's log-prob batch (verl passes
+# a KVBatchMeta's `extra_info` to the workers as non-tensor data); its value is the plain options dict.
+HISTA_REQUEST_KEY = "sveb_hista"
+# The response states travel between the two worker-side wrappers inside the engine's own
+# model_output, so verl's micro-batch concatenation and dynamic-batch reordering apply to them too.
+HIDDEN_KEY = "sveb_hidden"
+VALUES_KEY = "values"
+
+ENGINE_MODULE = "verl.workers.engine.base"
+ENGINE_CLASS, ENGINE_METHOD = "BaseEngine", "infer_batch"
+ENGINE_EXPECTED_PARAMETERS = ("self", "data", "loss_function")
+FSDP_MODULE = "verl.workers.engine.fsdp.transformer_impl"
+FSDP_CLASS, FSDP_METHOD = "FSDPEngineWithLMHead", "prepare_model_outputs"
+FSDP_EXPECTED_PARAMETERS = ("self", "output", "output_args", "micro_batch", "logits_processor_func")
+V1_LOG_PROB_METHOD = "_compute_old_log_prob"
+V1_LOG_PROB_EXPECTED_PARAMETERS = ("self", "batch", "metrics")
+
+
+def hista_request(options: Options) -> dict:
+    """What the driver puts into the log-prob batch: plain values, picklable and rank-independent."""
+    return {"layer": options.hista.layer, "temperature": options.hista.temperature,
+            "similarity": options.hista.similarity, "backend": options.backend}
+
+
+def _options_from_request(request) -> Options:
+    request = dict(_plain(getattr(request, "data", request)))
+    backend = request.pop("backend", "auto")
+    return Options(backend=backend, hista=_dataclass_from(HistaOptions, request, f"algorithm.{CONFIG_KEY}.hista"))
+
+
+def _non_tensor(data, key, default=None):
+    """A non-tensor entry of verl's TensorDict (`tu.get_non_tensor_data` without importing verl)."""
+    if key not in data.keys():
+        return default
+    value = data[key]
+    return getattr(value, "data", value)
+
+
+def _stable_group_ids(uid) -> Tensor:
+    """Prompt ids -> int64 ids that agree on every rank (a 63-bit hash of the uid's text; numpy's
+    `unique` indices would differ from rank to rank)."""
+    import hashlib
+
+    return torch.tensor([int.from_bytes(hashlib.blake2b(str(u).encode(), digest_size=8).digest(), "little") >> 1
+                         for u in uid], dtype=torch.int64)
+
+
+def _per_row(x, rows: int, name: str) -> Tensor:
+    """A verl field that is per response token (nested [b, r_i] or padded [b, T]) -> its row sums [b]."""
+    if x.is_nested:
+        return torch.stack([t.sum() for t in x.unbind()]) if rows else torch.zeros(0)
+    if x.dim() == 1:
+        return x
+    if x.dim() != 2 or x.shape[0] != rows:
+        raise ValueError(f"{name} must be [B] or [B, T] for B={rows} rollouts, got shape {tuple(x.shape)}")
+    return x.sum(dim=-1)
+
+
+def _uid_list(data) -> list:
+    if "uid" not in data.keys():
+        raise ValueError("sveb_hista needs the rollouts' `uid` (the prompt id of each rollout) in the log-prob batch")
+    uid = data["uid"]
+    uid = uid.tolist() if hasattr(uid, "tolist") else list(getattr(uid, "data", uid))
+    return [u.item() if isinstance(u, Tensor) else u for u in uid]
+
+
+def hista_values_on_worker(states, scores: Tensor, uid, options: Options, *, group=None) -> list:
+    """Hista values of one worker's rollouts, each a [r_i] float32 tensor (r_i = its response length).
+
+    `states[i]` is [r_i, D], the state before each of rollout i's response tokens; `scores[i]` its
+    return; `uid[i]` its prompt id. With `group` (a torch.distributed process group of more than one
+    rank: the actor's data-parallel group) the values are those of all ranks' rollouts together, by
+    `sveb_kernels.distributed.hista_values`, so a prompt's rollouts may be spread over ranks; without
+    it every rollout of a prompt must be in this call.
+    """
+    lengths = torch.tensor([s.shape[0] for s in states], dtype=torch.int64)
+    rows = len(states)
+    if scores.shape != (rows,) or len(uid) != rows:
+        raise ValueError(f"scores and uid must have one entry per rollout ({rows}), got {tuple(scores.shape)} and {len(uid)}")
+    distributed = group is not None and torch.distributed.get_world_size(group) > 1
+    if rows == 0 and not distributed:
+        return []
+    device = states[0].device if rows else torch.device("cpu")
+    if distributed:
+        order = torch.arange(rows)
+        group_ids = _stable_group_ids(uid)
+    else:
+        # The single-process op wants each group's tokens contiguous.
+        group_ids = group_index_from_uid(uid)
+        order = torch.argsort(group_ids, stable=True)
+    # Only the response states, packed once: [N, D], the one copy Hista reads.
+    hidden = torch.cat([states[i] for i in order.tolist()]).detach() if rows else torch.zeros(0, 1, device=device)
+    row = torch.repeat_interleave(order, lengths[order]).to(device)
+    returns = scores.to(device=device, dtype=torch.float32)[row]
+    temperature = float(options.hista.temperature)
+    if options.hista.similarity == "dot":
+        # As the Hista estimator does: in units of the mean squared norm of the states (all ranks').
+        total = torch.stack([hidden.float().pow(2).sum(), torch.tensor(float(hidden.shape[0]), device=device)])
+        if distributed:
+            torch.distributed.all_reduce(total, group=group)
+        temperature *= max(float(total[0] / total[1].clamp_min(1)), 1e-12)
+    if not distributed:
+        from .. import hista_values
+
+        counts = torch.bincount(group_ids, weights=lengths.double()).to(torch.int64)
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(device)
+        out = hista_values(hidden, returns, row.to(torch.int32), offsets, temperature=temperature,
+                           similarity=options.hista.similarity, backend=options.backend)
+        per_row = dict(zip(order.tolist(), out.values.split(lengths[order].tolist())))
+        return [per_row[i] for i in range(rows)]
+    from .. import distributed as sveb_distributed
+
+    rollout_ids = row + (torch.distributed.get_rank(group) << 32)  # global: ranks never share a rollout
+    out = sveb_distributed.hista_values(hidden, returns, rollout_ids, group_ids.to(device)[row], group=group,
+                                        temperature=temperature, similarity=options.hista.similarity,
+                                        backend=options.backend)
+    return list(out.values.split(lengths.tolist()))
+
+
+def _response_lengths(micro_batch) -> Tensor:
+    mask = micro_batch["response_mask"] if "response_mask" in micro_batch.keys() else None
+    if mask is None:
+        raise ValueError("sveb_hista needs the rollouts' `response_mask` in the log-prob batch")
+    if mask.is_nested:
+        return mask.offsets().diff()
+    return torch.full((mask.shape[0],), mask.shape[1], dtype=torch.int64)
+
+
+def wrap_prepare_model_outputs(original: Callable) -> Callable:
+    """verl's FSDP `prepare_model_outputs`, adding the response states of the micro-batch (nested
+    [b, r_i, D], row t = the state before response token t) while a capture is active."""
+
+    @functools.wraps(original)
+    def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+        model_output = original(self, output, output_args, micro_batch, logits_processor_func)
+        capture = getattr(self, "_sveb_capture", None)
+        if capture is not None:
+            model_output[HIDDEN_KEY] = micro_batch_response_states(self, capture.hidden, output_args, micro_batch)
+            capture.hidden = None  # the layer's full output is free once its response rows are copied
+        return model_output
+
+    prepare_model_outputs.__sveb_original__ = original
+    return prepare_model_outputs
+
+
+def micro_batch_response_states(engine, hidden: Tensor, output_args, micro_batch) -> Tensor:
+    """The captured layer output of one micro-batch, in verl's forward layout, -> nested [b, r_i, D]."""
+    if hidden is None:
+        raise RuntimeError("sveb_hista: the hidden-state hook did not fire in this micro-batch's forward")
+    input_ids = micro_batch["input_ids"]
+    if not input_ids.is_nested:
+        raise ValueError("sveb_hista supports verl's no-padding (nested) batches only")
+    cu_seqlens = input_ids.offsets()
+    use_remove_padding = _non_tensor(micro_batch, "use_remove_padding", True)
+    if use_remove_padding:
+        # [1, nnz/sp + pad, D]: gathered over the Ulysses group and unpadded exactly as the log-probs are.
+        packed = engine._gather_and_unpad_packed(hidden.squeeze(0), output_args["pad_size"])
+    else:
+        # [b, L, D], each sequence from position 0: keep its first len_i rows.
+        seq_lengths = cu_seqlens.diff().to(hidden.device)
+        keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < seq_lengths[:, None]
+        packed = hidden[keep]
+    lengths = _response_lengths(micro_batch).to(cu_seqlens.device)
+    states = packed_response_hidden_states(packed, cu_seqlens, lengths)
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(states.device)
+    return torch.nested.nested_tensor_from_jagged(states, offsets)
+
+
+def wrap_engine_infer_batch(original: Callable) -> Callable:
+    """verl's `BaseEngine.infer_batch`; when the batch asks for Hista, the chosen layer is captured in
+    every micro-batch's forward and the values of the rollouts' response states are returned as the
+    model output `values` (nested [b, r_i] float32, in the batch's order), which the actor worker
+    stores in verl's TransferQueue next to the log-probs."""
+
+    @functools.wraps(original)
+    def infer_batch(self, data, loss_function=None):
+        request = _non_tensor(data, HISTA_REQUEST_KEY)
+        if request is None:
+            return original(self, data, loss_function)
+        options = _options_from_request(request)
+        if getattr(type(self), FSDP_METHOD, None) is None or not hasattr(
+                getattr(type(self), FSDP_METHOD), "__sveb_original__"):
+            raise RuntimeError(
+                f"sveb_hista computes values in the actor's log-prob forward, which the plugin supports for "
+                f"verl's FSDP engine ({FSDP_CLASS}); this actor runs {type(self).__name__}"
+                + (f" ({_state.worker_error})" if _state.worker_error else ""))
+        capture = HiddenStateCapture(self.module, options.hista.layer)
+        self._sveb_capture = capture
+        try:
+            with capture:
+                output = original(self, data, loss_function)
+        finally:
+            self._sveb_capture = None
+        if output is None:  # not a rank that returns outputs (verl's model-parallel ranks)
+            return output
+        model_output = output["model_output"]
+        states = model_output.pop(HIDDEN_KEY).unbind()
+        scores = _per_row(_required(data, "rm_scores", "sveb_hista"), len(states), "rm_scores")
+        values = hista_values_on_worker(states, scores, _uid_list(data), options,
+                                        group=self.get_data_parallel_group())
+        model_output[VALUES_KEY] = torch.nested.as_nested_tensor(
+            [v.float() for v in values], layout=torch.jagged) if values else model_output.get(VALUES_KEY)
+        return output
+
+    infer_batch.__sveb_original__ = original
+    return infer_batch
+
+
+def wrap_v1_compute_old_log_prob(original: Callable) -> Callable:
+    """verl v1's `PPOTrainer._compute_old_log_prob`; for sveb_hista the actor's log-prob batch carries
+    the Hista options (and only that call: the key is removed again, so the reference policy's
+    forward and the actor update never compute values)."""
+
+    @functools.wraps(original)
+    def _compute_old_log_prob(self, batch, metrics):
+        if _estimator_name(self.config.algorithm.adv_estimator) != "sveb_hista":
+            return original(self, batch, metrics)
+        if getattr(self, "use_critic", False):
+            raise ValueError("sveb_hista stores its values where the critic's go: set critic.enable=False")
+        rollout_correction = self.config.algorithm.get("rollout_correction", None)
+        if rollout_correction and rollout_correction.get("bypass_mode", False):
+            raise ValueError("sveb_hista computes its values in the actor's log-prob forward, which "
+                             "algorithm.rollout_correction.bypass_mode=True skips")
+        batch.extra_info[HISTA_REQUEST_KEY] = hista_request(Options.from_config(self.config.algorithm))
+        try:
+            out = original(self, batch, metrics)
+        finally:
+            batch.extra_info.pop(HISTA_REQUEST_KEY, None)
+        if out is not None and getattr(out, "extra_info", None) is not None:
+            out.extra_info.pop(HISTA_REQUEST_KEY, None)
+        return out
+
+    _compute_old_log_prob.__sveb_original__ = original
+    return _compute_old_log_prob
+
+
 # -------------------------------------------------------------------------- the one patch point
 def _registry_stub(name: str) -> Callable:
     def sveb_estimator(**kwargs):
@@ -505,23 +742,52 @@ def put_numca_values_v1(trainer, batch) -> None:
                     fields=TensorDict({"values": response_to_nested(values, response_mask)}, batch_size=len(batch)))
 
 
-def _patch_v1(trainer_base) -> None:
-    cls = getattr(trainer_base, V1_CLASS, None)
-    current = getattr(cls, V1_METHOD, None) if cls is not None else None
+def _wrap_method(module, cls_name: str, method: str, expected: tuple, make_wrapper: Callable) -> Optional[str]:
+    """Replaces `module.cls_name.method` by `make_wrapper(original)` if it has the parameters
+    `expected` (idempotent); otherwise leaves it alone and returns what differs."""
+    cls = getattr(module, cls_name, None)
+    current = getattr(cls, method, None) if cls is not None else None
     if current is None:
-        problem = f"{V1_MODULE} has no {V1_CLASS}.{V1_METHOD} (verl {_verl_version()})"
-    elif getattr(current, "__sveb_original__", None) is not None:
-        return
-    else:
-        got = tuple(inspect.signature(inspect.unwrap(current)).parameters)
-        problem = None if got == V1_EXPECTED_PARAMETERS else (
-            f"{V1_MODULE}.{V1_CLASS}.{V1_METHOD} has parameters {got}, expected {V1_EXPECTED_PARAMETERS}")
+        return f"{module.__name__} has no {cls_name}.{method} (verl {_verl_version()})"
+    if getattr(current, "__sveb_original__", None) is not None:
+        return None
+    got = tuple(inspect.signature(inspect.unwrap(current)).parameters)
+    if got != expected:
+        return f"{module.__name__}.{cls_name}.{method} has parameters {got}, expected {expected}"
+    setattr(cls, method, make_wrapper(current))
+    return None
+
+
+def _patch_v1(trainer_base) -> None:
+    problem = _wrap_method(trainer_base, V1_CLASS, V1_METHOD, V1_EXPECTED_PARAMETERS, wrap_v1_compute_advantage)
     if problem is not None:
         _state.v1_error = problem
         warnings.warn(f"sveb_kernels verl plugin: sveb_numca unavailable in verl's v1 trainer: {problem}",
                       RuntimeWarning, stacklevel=2)
-        return
-    setattr(cls, V1_METHOD, wrap_v1_compute_advantage(current))
+    problem = _wrap_method(trainer_base, V1_CLASS, V1_LOG_PROB_METHOD, V1_LOG_PROB_EXPECTED_PARAMETERS,
+                           wrap_v1_compute_old_log_prob)
+    if problem is not None:
+        _worker_patch_failed(problem)
+
+
+def _worker_patch_failed(problem: str) -> None:
+    _state.worker_error = problem
+    warnings.warn(f"sveb_kernels verl plugin: sveb_hista unavailable in verl's workers: {problem}",
+                  RuntimeWarning, stacklevel=2)
+
+
+def _patch_engine(engine_base) -> None:
+    problem = _wrap_method(engine_base, ENGINE_CLASS, ENGINE_METHOD, ENGINE_EXPECTED_PARAMETERS, wrap_engine_infer_batch)
+    if problem is not None:
+        _worker_patch_failed(problem)
+
+
+def _patch_fsdp(transformer_impl) -> None:
+    problem = _wrap_method(transformer_impl, FSDP_CLASS, FSDP_METHOD, FSDP_EXPECTED_PARAMETERS, wrap_prepare_model_outputs)
+    if problem is None and not hasattr(getattr(transformer_impl, "FSDPEngine", None), "_gather_and_unpad_packed"):
+        problem = f"{FSDP_MODULE}.FSDPEngine has no _gather_and_unpad_packed (verl {_verl_version()})"
+    if problem is not None:
+        _worker_patch_failed(problem)
 
 
 def _verl_version() -> str:
@@ -531,6 +797,7 @@ def _verl_version() -> str:
 class _State:
     patch_error: Optional[str] = None
     v1_error: Optional[str] = None
+    worker_error: Optional[str] = None
     finder: Optional["_AfterImport"] = None
 
 
@@ -576,7 +843,8 @@ def _install_patches() -> None:
     """The single place where verl is modified (idempotent): register the names in verl's estimator
     registry, wrap `ray_trainer.compute_advantage` and (for sveb_numca) the v1 trainer's
     `PPOTrainer._compute_advantage`, each as soon as its module is imported."""
-    callbacks = {REGISTRY_MODULE: _register, PATCHED_MODULE: _patch, V1_MODULE: _patch_v1}
+    callbacks = {REGISTRY_MODULE: _register, PATCHED_MODULE: _patch, V1_MODULE: _patch_v1,
+                 ENGINE_MODULE: _patch_engine, FSDP_MODULE: _patch_fsdp}
     for name, callback in callbacks.items():
         if name in sys.modules:
             callback(sys.modules[name])
