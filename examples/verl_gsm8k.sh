@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end verl run with an sveb advantage estimator, on one machine with GPUs (one is enough):
 #
-#     bash examples/verl_gsm8k.sh [sveb_numca|sveb_gae|gae] [model]
+#     bash examples/verl_gsm8k.sh [sveb_numca|sveb_hista|sveb_gae|gae] [model]
 #
 # Installs sveb_kernels[verl] (from this checkout) and verl's vLLM stack, writes GSM8K in verl's
 # dataset format to $DATA (default ~/data/gsm8k), and trains for $STEPS (default 20) steps with
@@ -42,12 +42,14 @@ for split in ("train", "test"):
     rows.map(convert, with_indices=True, remove_columns=rows.column_names).to_parquet(f"{out}/{split}.parquet")
 PY
 
-# Per-estimator lines: sveb_gae (like verl's gae) needs the critic; Numca reads the actor's tokenizer.
+# Per-estimator lines: sveb_gae (like verl's gae) needs the critic; Numca reads the actor's tokenizer;
+# Hista's values come from the actor's log-prob forward (the layer whose states it compares).
 case "$ESTIMATOR" in
     sveb_gae|gae) EXTRA=(critic.enable=True "critic.model.path=$MODEL" critic.optim.lr=1e-5
                          critic.ppo_micro_batch_size_per_gpu=8) ;;
     sveb_numca)   EXTRA=('+algorithm.sveb.tokenizer=${actor_rollout_ref.model.path}') ;;
-    *) echo "estimator must be sveb_numca, sveb_gae or gae" >&2; exit 2 ;;
+    sveb_hista)   EXTRA=(+algorithm.sveb.hista.layer=-1 +algorithm.sveb.hista.temperature=0.1) ;;
+    *) echo "estimator must be sveb_numca, sveb_hista, sveb_gae or gae" >&2; exit 2 ;;
 esac
 
 # BEGIN verl overrides (tests/test_integration_verl.py composes these with verl's config)

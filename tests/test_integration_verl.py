@@ -530,7 +530,7 @@ def recipe_overrides(estimator):
     return out
 
 
-@pytest.mark.parametrize("estimator", ["sveb_numca", "sveb_gae"])
+@pytest.mark.parametrize("estimator", ["sveb_numca", "sveb_hista", "sveb_gae"])
 def test_gpu_recipe_overrides_compose_with_verls_config(estimator):
     from hydra import compose, initialize_config_dir
 
@@ -541,6 +541,10 @@ def test_gpu_recipe_overrides_compose_with_verls_config(estimator):
     options = plugin.Options.from_config(config.algorithm)
     if estimator == "sveb_numca":
         assert options.tokenizer == config.actor_rollout_ref.model.path
+    elif estimator == "sveb_hista":
+        assert options.hista == plugin.HistaOptions(layer=-1, temperature=0.1) and not config.critic.enable
+        # The actor's log-prob forward runs (Hista's values are computed there).
+        assert not config.algorithm.rollout_correction.bypass_mode
     else:
         assert config.critic.enable
 

@@ -11,12 +11,15 @@ module in every verl process. A user then selects, in the ordinary config,
   over tokens. Needs verl's critic (`critic.enable=True`).
 - `sveb_numca`: Numca values from the `responses` token ids and the actor's tokenizer, then per-token
   advantages `R - V` (or GAE over V, `algorithm.sveb.mode=gae`), as the TRL integration does.
-- `sveb_hista`: advantages from Hista values that the actor workers computed in their log-prob
-  forward and stored as the batch's `values`; the hidden states never leave the workers
-  (`HiddenStateCapture`, `response_hidden_states`, `hista_values_for_rollouts`).
+- `sveb_hista`: Hista values computed in the actor workers' log-prob forward (a forward hook on the
+  chosen layer of verl's FSDP engine; the hidden states never leave the workers, and a prompt's
+  rollouts may sit on different data-parallel ranks: `sveb_kernels.distributed.hista_values` over
+  the actor's dp group), stored next to the log-probs as the rollouts' `values`, then advantages
+  R - V (or GAE over V) on the driver.
 
 What runs where: verl computes advantages on the driver process, on CPU tensors; so do `sveb_gae`
-and `sveb_numca` (the fused CPU scan / Numca ops). Hista runs where the hidden states are.
+and `sveb_numca` (the fused CPU scan / Numca ops). Hista runs where the hidden states are: on every
+actor GPU, during verl's old-log-prob forward.
 
 verl internals this module touches, all through `_install_patches` below and checked by the tests:
 - `verl.trainer.ppo.ray_trainer.compute_advantage` (replaced, once, right after that module is
@@ -31,11 +34,22 @@ verl internals this module touches, all through `_install_patches` below and che
   then reads; other estimators pass straight through;
 - `verl.trainer.ppo.core_algos.compute_pf_ppo_reweight_data` when `algorithm.use_pf_ppo` is set
   with `sveb_gae`, exactly as verl's GAE branch does;
+- for `sveb_hista`, three more wraps, all inert unless the actor's log-prob batch carries the
+  non-tensor entry `sveb_hista` (the Hista options):
+  `verl.trainer.ppo.v1.trainer_base.PPOTrainer._compute_old_log_prob` (driver: puts the entry into
+  the batch's `extra_info` for that one call, which verl hands the workers as non-tensor data);
+  `verl.workers.engine.base.BaseEngine.infer_batch` (workers: hooks the chosen layer for the
+  forward, computes the values, returns them as the model output `values`, which the actor worker
+  stores in verl's TransferQueue); `verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead.
+  prepare_model_outputs` (workers: copies each micro-batch's response states out of the hooked
+  layer's output, with the engine's own `_gather_and_unpad_packed` for the packed layout, into the
+  model output, so verl's micro-batch concatenation and dynamic-batch reordering apply to them);
+  the worker batch fields `input_ids` (nested), `response_mask`, `rm_scores`, `uid`;
 - the batch keys `token_level_rewards`, `token_level_scores`, `response_mask`, `values`,
   `responses`, `attention_mask`, non-tensor `uid`, and the outputs `advantages`, `returns`.
-Both wrapped functions are checked for the parameters the wrappers are written against; a verl
-that changed them is not patched (a RuntimeWarning says why, the sveb names then raise), and the
-tests fail.
+Every wrapped function is checked for the parameters its wrapper is written against; a verl that
+changed them is not patched (a RuntimeWarning says why, the sveb names then raise), and the tests
+fail.
 """
 
 from __future__ import annotations
@@ -228,8 +242,9 @@ def compute_sveb_advantage(data, adv_estimator: str, *, gamma: float = 1.0, lam:
     else:
         values = _required(
             batch, "values", name,
-            hint="the actor workers store Hista values as `values` in their log-prob forward "
-                 "(see sveb_kernels.integrations.verl.hista_values_for_rollouts)",
+            hint="verl's v1 trainer gets them from the actor workers' log-prob forward (" + (
+                _state.worker_error or "plugin patches in place") + "); a custom trainer stores them "
+                 "itself (sveb_kernels.integrations.verl.hista_values_on_worker)",
         )
     advantages, returns = _advantages_over_values(values, rewards, mask, options, gamma=gamma, lam=lam)
     batch["advantages"] = advantages.to(rewards.dtype)
@@ -609,6 +624,9 @@ def wrap_engine_infer_batch(original: Callable) -> Callable:
         if output is None:  # not a rank that returns outputs (verl's model-parallel ranks)
             return output
         model_output = output["model_output"]
+        if HIDDEN_KEY not in model_output:
+            raise RuntimeError(f"sveb_hista: {type(self).__name__}'s forward did not pass through the patched "
+                               f"{FSDP_CLASS}.{FSDP_METHOD}, so no hidden states were collected")
         states = model_output.pop(HIDDEN_KEY).unbind()
         scores = _per_row(_required(data, "rm_scores", "sveb_hista"), len(states), "rm_scores")
         values = hista_values_on_worker(states, scores, _uid_list(data), options,
@@ -841,8 +859,10 @@ class _LoaderThenCall(importlib.abc.Loader):
 
 def _install_patches() -> None:
     """The single place where verl is modified (idempotent): register the names in verl's estimator
-    registry, wrap `ray_trainer.compute_advantage` and (for sveb_numca) the v1 trainer's
-    `PPOTrainer._compute_advantage`, each as soon as its module is imported."""
+    registry, wrap `ray_trainer.compute_advantage`, (for sveb_numca) the v1 trainer's
+    `PPOTrainer._compute_advantage` and (for sveb_hista) its `_compute_old_log_prob`, the engines'
+    `BaseEngine.infer_batch` and the FSDP engine's `prepare_model_outputs`, each as soon as its
+    module is imported (in whichever process imports it: driver or worker)."""
     callbacks = {REGISTRY_MODULE: _register, PATCHED_MODULE: _patch, V1_MODULE: _patch_v1,
                  ENGINE_MODULE: _patch_engine, FSDP_MODULE: _patch_fsdp}
     for name, callback in callbacks.items():
