@@ -641,12 +641,14 @@ def _direct_values(model, layer, prompts, responses, uid, ids, scores, options):
     return [by_row[i] for i in range(len(ids))]
 
 
-ENGINE_CASES = [  # (layer, similarity, verl's forward settings)
+ENGINE_CASES = [  # (layer, similarity, verl's forward settings, engine attributes)
     # verl's default: padding removed (rollouts packed into one row), dynamic batch size (micro-batches
-    # regrouped by length, the outputs restored to the batch's order).
-    (-1, "cosine", dict(use_remove_padding=True, use_dynamic_bsz=True, max_token_len_per_gpu=24)),
+    # regrouped by length, the outputs restored to the batch's order); here with verl's static
+    # padding of the packed row to a bucket boundary too.
+    (-1, "cosine", dict(use_remove_padding=True, use_dynamic_bsz=True, max_token_len_per_gpu=24),
+     dict(pad_to_length=True, pad_to_length_bucket=16)),
     # Padded forward, fixed micro-batch size.
-    (1, "dot", dict(use_remove_padding=False, use_dynamic_bsz=False, micro_batch_size_per_gpu=5)),
+    (1, "dot", dict(use_remove_padding=False, use_dynamic_bsz=False, micro_batch_size_per_gpu=5), {}),
 ]
 
 
@@ -667,7 +669,7 @@ def _engine_worker(rank, world, init_file, out_dir, seed):
 
         model = tiny.build_model(tiny.build_tokenizer(), seed=0, layers=3, hidden_size=32).eval()
         solo = [dist.new_group([r]) for r in range(world)][rank]
-        for case, (layer, similarity, settings) in enumerate(ENGINE_CASES):
+        for case, (layer, similarity, settings, attributes) in enumerate(ENGINE_CASES):
             options = plugin.Options(hista=plugin.HistaOptions(layer=layer, similarity=similarity))
             rollouts = _rollouts(seed + case, model.config.vocab_size)
             want = _direct_values(model, layer, *rollouts, options)
@@ -677,6 +679,7 @@ def _engine_worker(rank, world, init_file, out_dir, seed):
             #    are those of all ranks' rollouts together (sveb_kernels.distributed over verl's dp group).
             mine = list(range(rank, rows, world))
             engine = _engine(model)
+            vars(engine).update(attributes)
             out = engine.infer_batch(_engine_batch(mine, *rollouts, request, **settings))
             got = out["model_output"]["values"].unbind()
             assert len(got) == len(mine)
@@ -797,3 +800,17 @@ def test_old_log_prob_step_carries_the_hista_request_for_that_call_only():
     with pytest.raises(TypeError, match="layer"):
         plugin.HiddenStateCapture(torch.nn.Module(), layer=plugin._options_from_request(
             plugin.hista_request(plugin.Options.from_config(config.algorithm))).hista.layer)
+
+
+def test_capture_through_a_lora_model(seed, tiny_model):
+    """verl's actor with LoRA is a PEFT model: the hook lands on the wrapped model's own layer."""
+    peft = pytest.importorskip("peft")
+    from sveb_kernels.sveb import tiny
+
+    model = tiny.build_model(tiny_model[1], layers=3, hidden_size=32)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    input_ids, attention, position_ids = padded_rollouts(model, torch.Generator().manual_seed(seed))
+    with torch.no_grad(), plugin.HiddenStateCapture(lora, layer=2) as capture:
+        want = lora(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                    output_hidden_states=True).hidden_states[2]
+    torch.testing.assert_close(capture.hidden, want, rtol=0, atol=0)

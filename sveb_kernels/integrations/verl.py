@@ -319,6 +319,8 @@ def _decoder_parts(model):
     """(embedding, decoder layers, final norm) of a Hugging Face causal LM (Llama/Qwen/Mistral/
     Gemma style `model.model.{embed_tokens, layers, norm}`, GPT-2 style `transformer.{wte, h, ln_f}`)."""
     inner = getattr(model, "module", model)  # FSDP / DDP wrappers
+    if hasattr(inner, "get_base_model"):  # a PEFT (LoRA) model: hook the wrapped model's own layers
+        inner = inner.get_base_model()
     base = getattr(inner, "model", None) or getattr(inner, "transformer", None) or inner
     for embed, layers, norm in (("embed_tokens", "layers", "norm"), ("wte", "h", "ln_f")):
         if all(hasattr(base, a) for a in (embed, layers, norm)):
