@@ -590,10 +590,12 @@ def _rollouts(seed, vocab, rows=10, groups=3):
     ids = [torch.randint(0, vocab, (p + r,), generator=g) for p, r in zip(prompts, responses)]
     scores = [torch.zeros(r).index_fill_(0, torch.tensor([r - 1]), float(torch.randn((), generator=g)))
               for r in responses]
-    return prompts, responses, uid, ids, scores
+    # Response masks with holes (a multi-turn response's tool output), the first token always kept.
+    masks = [(torch.rand(r, generator=g) > 0.25).index_fill_(0, torch.tensor([0]), True) for r in responses]
+    return prompts, responses, uid, ids, scores, masks
 
 
-def _engine_batch(rows, prompts, responses, uid, ids, scores, request, **settings):
+def _engine_batch(rows, prompts, responses, uid, ids, scores, masks, request, **settings):
     from tensordict import NonTensorStack, TensorDict
     from verl.utils import tensordict_utils as tu
 
@@ -604,8 +606,8 @@ def _engine_batch(rows, prompts, responses, uid, ids, scores, request, **setting
         "input_ids": nested(ids[i] for i in rows),
         "position_ids": nested(torch.arange(len(ids[i])) for i in rows),
         "attention_mask": nested(torch.ones(len(ids[i]), dtype=torch.long) for i in rows),
-        "response_mask": nested(torch.ones(responses[i], dtype=torch.long) for i in rows),
-        "loss_mask": nested(torch.cat([torch.zeros(prompts[i]), torch.ones(responses[i])]).long() for i in rows),
+        "response_mask": nested(masks[i].long() for i in rows),
+        "loss_mask": nested(torch.cat([torch.zeros(prompts[i]), masks[i].float()]).long() for i in rows),
         "rm_scores": nested(scores[i] for i in rows),
     }, batch_size=[len(rows)])
     data["uid"] = NonTensorStack(*[uid[i] for i in rows])
@@ -616,29 +618,31 @@ def _engine_batch(rows, prompts, responses, uid, ids, scores, request, **setting
     return data
 
 
-def _direct_values(model, layer, prompts, responses, uid, ids, scores, options):
+def _direct_values(model, layer, prompts, responses, uid, ids, scores, masks, options):
     """The oracle path: each rollout through the model alone with output_hidden_states, the states
-    before its response tokens, then one direct sveb_kernels.hista_values over all rollouts."""
+    before its (unmasked) response tokens, then one direct sveb_kernels.hista_values over all
+    rollouts; 0 at masked tokens."""
     import sveb_kernels as sk
 
     states = []
     with torch.no_grad():
         for i, x in enumerate(ids):
             hidden = model(input_ids=x[None], output_hidden_states=True).hidden_states[layer][0]
-            states.append(hidden[prompts[i] - 1: prompts[i] + responses[i] - 1])
+            states.append(hidden[prompts[i] - 1: prompts[i] + responses[i] - 1][masks[i]])
+    kept = [int(m.sum()) for m in masks]
     order = sorted(range(len(ids)), key=lambda i: (uid[i], i))
     hidden = torch.cat([states[i] for i in order])
-    rollout_ids = torch.tensor([i for i in order for _ in range(responses[i])], dtype=torch.int32)
-    returns = torch.tensor([float(scores[i].sum()) for i in order for _ in range(responses[i])])
-    sizes = [sum(responses[i] for i in order if uid[i] == u) for u in sorted(set(uid))]
+    rollout_ids = torch.tensor([i for i in order for _ in range(kept[i])], dtype=torch.int32)
+    returns = torch.tensor([float(scores[i].sum()) for i in order for _ in range(kept[i])])
+    sizes = [sum(kept[i] for i in order if uid[i] == u) for u in sorted(set(uid))]
     offsets = torch.tensor([0] + np.cumsum(sizes).tolist())
     temperature = options.hista.temperature
     if options.hista.similarity == "dot":
         temperature *= float(hidden.float().pow(2).sum(1).mean())
     values = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=temperature,
                              similarity=options.hista.similarity).values
-    by_row = dict(zip(order, values.split([responses[i] for i in order])))
-    return [by_row[i] for i in range(len(ids))]
+    by_row = dict(zip(order, values.split([kept[i] for i in order])))
+    return [torch.zeros(responses[i]).masked_scatter_(masks[i], by_row[i]) for i in range(len(ids))]
 
 
 ENGINE_CASES = [  # (layer, similarity, verl's forward settings, engine attributes)

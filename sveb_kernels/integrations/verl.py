@@ -496,19 +496,29 @@ def _uid_list(data) -> list:
     return [u.item() if isinstance(u, Tensor) else u for u in uid]
 
 
-def hista_values_on_worker(states, scores: Tensor, uid, options: Options, *, group=None) -> list:
+def hista_values_on_worker(states, scores: Tensor, uid, options: Options, *, masks=None, group=None) -> list:
     """Hista values of one worker's rollouts, each a [r_i] float32 tensor (r_i = its response length).
 
     `states[i]` is [r_i, D], the state before each of rollout i's response tokens; `scores[i]` its
-    return; `uid[i]` its prompt id. With `group` (a torch.distributed process group of more than one
-    rank: the actor's data-parallel group) the values are those of all ranks' rollouts together, by
-    `sveb_kernels.distributed.hista_values`, so a prompt's rollouts may be spread over ranks; without
-    it every rollout of a prompt must be in this call.
+    return; `uid[i]` its prompt id; `masks[i]` ([r_i], optional) its response mask: tokens outside it
+    (a multi-turn response's tool output) are neither queries nor keys and get 0. With `group` (a
+    torch.distributed process group of more than one rank: the actor's data-parallel group) the
+    values are those of all ranks' rollouts together, by `sveb_kernels.distributed.hista_values`, so
+    a prompt's rollouts may be spread over ranks; without it every rollout of a prompt must be in
+    this call.
     """
-    lengths = torch.tensor([s.shape[0] for s in states], dtype=torch.int64)
     rows = len(states)
-    if scores.shape != (rows,) or len(uid) != rows:
-        raise ValueError(f"scores and uid must have one entry per rollout ({rows}), got {tuple(scores.shape)} and {len(uid)}")
+    if scores.shape != (rows,) or len(uid) != rows or (masks is not None and len(masks) != rows):
+        raise ValueError(f"scores, uid and masks must have one entry per rollout ({rows}), got "
+                         f"{tuple(scores.shape)}, {len(uid)} and {None if masks is None else len(masks)}")
+    if masks is not None:
+        masks = [m.to(device=s.device, dtype=torch.bool) for s, m in zip(states, masks)]
+        if any(m.shape != s.shape[:1] for s, m in zip(states, masks)):
+            raise ValueError("masks[i] must be [r_i], one entry per response state of rollout i")
+        values = hista_values_on_worker([s[m] for s, m in zip(states, masks)], scores, uid, options, group=group)
+        return [torch.zeros(m.shape, dtype=v.dtype, device=v.device).masked_scatter_(m, v)
+                for m, v in zip(masks, values)]
+    lengths = torch.tensor([s.shape[0] for s in states], dtype=torch.int64)
     distributed = group is not None and torch.distributed.get_world_size(group) > 1
     if rows == 0 and not distributed:
         return []
@@ -631,7 +641,9 @@ def wrap_engine_infer_batch(original: Callable) -> Callable:
                                f"{FSDP_CLASS}.{FSDP_METHOD}, so no hidden states were collected")
         states = model_output.pop(HIDDEN_KEY).unbind()
         scores = _per_row(_required(data, "rm_scores", "sveb_hista"), len(states), "rm_scores")
-        values = hista_values_on_worker(states, scores, _uid_list(data), options,
+        masks = _required(data, "response_mask", "sveb_hista")
+        masks = masks.unbind() if masks.is_nested else list(masks)
+        values = hista_values_on_worker(states, scores, _uid_list(data), options, masks=masks,
                                         group=self.get_data_parallel_group())
         model_output[VALUES_KEY] = torch.nested.as_nested_tensor(
             [v.float() for v in values], layout=torch.jagged) if values else model_output.get(VALUES_KEY)
