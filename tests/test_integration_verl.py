@@ -1,5 +1,6 @@
-"""The verl plugin against the real verl (0.9.x) on CPU: entry point, the one patch point, sveb_gae
-against verl's own GAE, options, and the Hista hidden-state hook on a tiny local model."""
+"""The verl plugin against the real verl (0.9.x) on CPU: entry point, the patch points, sveb_gae
+against verl's own GAE, options, the Hista hidden-state hook on a tiny local model, and sveb_hista
+inside verl's own actor-engine forward on gloo ranks."""
 
 import inspect
 import math
