@@ -234,3 +234,56 @@ def test_importing_the_package_imports_no_trainer():
     code = ("import sys, sveb_kernels, sveb_kernels.estimators, sveb_kernels.integrations, sveb_kernels.sveb; "
             "assert not [m for m in sys.modules if m.split('.')[0] in ('trl', 'verl', 'transformers')], sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("estimator", ["numca", "hista"])
+def test_groups_spanning_processes(tmp_path, estimator):
+    """2 gloo processes x 6 completions, groups of 4: the middle group spans both processes. Every
+    process must compute the values of the whole batch, identically, and keep its own rows."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(os.path.dirname(__file__), "trl_worker.py")
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, worker, str(tmp_path), estimator], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    tokenizer = tiny.build_tokenizer()
+    vocab = NumericVocab.from_tokenizer(tokenizer)
+    for step, (a, b) in enumerate(zip(ranks[0]["records"], ranks[1]["records"])):
+        assert torch.equal(a["all_advantages"], b["all_advantages"]) and torch.equal(a["all_token_ids"], b["all_token_ids"])
+        everything = a["all_advantages"]
+        assert everything.shape[0] == 12
+        for rank, rec in enumerate((a, b)):  # each process keeps its rows of the whole batch
+            rows, width = rec["advantages"].shape
+            assert torch.equal(rec["advantages"], everything[rank * rows:(rank + 1) * rows, :width])
+            assert torch.equal(rec["completion_ids"], a["all_token_ids"][rank * rows:(rank + 1) * rows, 1:width + 1])
+        if estimator == "numca":  # the whole batch against the ops called directly
+            ids, mask = a["all_token_ids"][:, 1:], a["all_token_mask"]
+            returns = direct_returns(tokenizer, ids, mask)
+            assert torch.allclose(returns, a["all_returns"])
+            group = torch.arange(12) // 4
+            after = numca_values(numeric_spans(ids, vocab, mask=mask), returns, group, mask, backend="reference")
+            peers = torch.stack([(returns[group == group[r]].sum() - returns[r]) / 3 for r in range(12)])
+            want = (returns[:, None] - torch.cat([peers[:, None], after[:, :-1]], dim=1)) * mask
+            assert torch.allclose(everything, want, atol=1e-5)
+
+
+def test_numca_example_runs(tmp_path, monkeypatch, capsys):
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    monkeypatch.syspath_prepend(examples)
+    import trl_grpo_hista  # noqa: F401  (imports the shared runner; must not start anything)
+    import trl_grpo_numca
+
+    trainer = trl_grpo_numca.run("numca", steps=2, pretrain_steps=0, output_dir=str(tmp_path / "out"))
+    assert trainer.state.global_step == 2
+    assert "token values and advantages" in capsys.readouterr().out
