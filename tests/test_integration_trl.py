@@ -106,7 +106,8 @@ def varies_within_a_rollout(advantages, mask):
 
 
 def test_numca_advantages_are_r_minus_v_per_token(tmp_path, tokenizer, seed):
-    trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, value_estimator="numca")
+    trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, value_estimator="numca",
+                    args=config(tmp_path, tokenizer, seed, log_completions=True))
     vocab = NumericVocab.from_tokenizer(tokenizer)
     varied = False
     for gen in trainer.generated:
@@ -126,6 +127,48 @@ def test_numca_advantages_are_r_minus_v_per_token(tmp_path, tokenizer, seed):
     check_loss_saw_generated(trainer)
     logs = trainer.state.log_history[0]
     assert logs["sveb/advantage/within_completion_std"] >= 0 and "sveb/value/mean" in logs
+    # the completions table: TRL's advantage column is each completion's mean token advantage,
+    # the token-level numbers are extra columns
+    import pandas
+
+    table = pandas.read_parquet(tmp_path / "out" / "completions" / "completions_00002.parquet")
+    gen = trainer.generated[-1]
+    mask = gen["completion_mask"].bool()
+    mean = (gen["advantages"] * mask).sum(1) / mask.sum(1).clamp_min(1)
+    assert table["advantage"].tolist() == pytest.approx(mean.tolist(), abs=1e-5)
+    first = [float(x) for x in table["sveb_token_advantages"][0].split()]
+    assert first == pytest.approx(gen["advantages"][0][mask[0]].tolist(), rel=1e-2, abs=1e-2)
+
+
+
+def test_unscorable_completions_get_zero_advantage(tmp_path, tokenizer, seed):
+    def picky(completions, **kwargs):  # None: this completion cannot be scored
+        return [None if c.count("1") >= 2 else float(c.count("3")) for c in completions]
+
+    cls = recording(SvebGRPOTrainer)
+    cls.generated, cls.losses = [], []
+    trainer = cls(model=tiny.build_model(tokenizer, seed=seed % 1000), reward_funcs=picky,
+                  args=config(tmp_path, tokenizer, seed), processing_class=tokenizer, value_estimator="numca",
+                  train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}))
+    trainer.train()
+    vocab = NumericVocab.from_tokenizer(tokenizer)
+    seen = []
+    for gen in trainer.generated:
+        ids, mask, adv = gen["completion_ids"], gen["completion_mask"].bool(), gen["advantages"]
+        texts = [tokenizer.decode(i[m], skip_special_tokens=True) for i, m in zip(ids, mask)]
+        raw = torch.tensor([float("nan") if r is None else r for r in picky(texts)])
+        group = torch.arange(ids.shape[0]) // GENERATIONS
+        fill = torch.stack([torch.nan_to_num(raw[group == g].nanmean(), nan=0.0) for g in group])
+        returns = torch.where(raw.isnan(), fill, raw)  # unscorable ones stand at their group's mean
+        after = numca_values(numeric_spans(ids, vocab, mask=mask), returns, group, mask, backend="reference")
+        peers = torch.stack([(returns[group == group[b]].sum() - returns[b]) / (GENERATIONS - 1)
+                             for b in range(ids.shape[0])])
+        want = (returns[:, None] - torch.cat([peers[:, None], after[:, :-1]], dim=1)) * mask
+        want[raw.isnan()] = 0.0
+        assert torch.allclose(adv, want, atol=1e-5)
+        assert torch.isfinite(adv).all()
+        seen += raw.isnan().tolist()
+    assert any(seen) and not all(seen)  # both kinds occurred
 
 
 @pytest.mark.parametrize("num_iterations", [1, 2])  # 2: TRL runs a no-grad forward the hook reads
