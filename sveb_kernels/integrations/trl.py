@@ -144,10 +144,11 @@ class SvebGRPOTrainer(GRPOTrainer):
         for name, value in (("gamma", gamma), ("lam", lam)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-        if value_estimator == "numca":
+        named = value_estimator if isinstance(value_estimator, str) else None
+        if named == "numca":
             estimator = Numca(numca_match, leave_one_out=numca_leave_one_out, min_support=numca_min_support,
                               vocab=numeric_vocab, backend=estimator_backend)
-        elif value_estimator == "hista":
+        elif named == "hista":
             estimator = Hista(hista_similarity, hista_temperature, backend=estimator_backend)
         else:
             estimator = make_estimator(value_estimator)
@@ -164,10 +165,20 @@ class SvebGRPOTrainer(GRPOTrainer):
         self.estimator_backend = estimator_backend
         self._sveb_needs_hidden = isinstance(estimator, (Hista, LinearCritic)) or bool(
             getattr(estimator, "needs_hidden", False) or getattr(value_estimator, "needs_hidden", False))
-        self._sveb_layer = resolve_layer(self.accelerator.unwrap_model(self.model), hidden_layer)
+        self._sveb_hidden_layer = hidden_layer
+        self._sveb_layer_module = None
+        if self._sveb_needs_hidden:  # a bad hidden_layer fails here, not at the first step
+            self._sveb_layer_module = resolve_layer(self.accelerator.unwrap_model(self.model), hidden_layer)
         self._sveb_rewards_per_func: Optional[Tensor] = None
         self._sveb_capture: Optional[list] = None
         self.sveb_last: Optional[SimpleNamespace] = None  # the last batch's estimate, for inspection and tests
+
+    @property
+    def _sveb_layer(self):
+        """The module whose output is the hidden states the estimator reads."""
+        if self._sveb_layer_module is None:
+            self._sveb_layer_module = resolve_layer(self.accelerator.unwrap_model(self.model), self._sveb_hidden_layer)
+        return self._sveb_layer_module
 
     # -- what TRL computes on the way ---------------------------------------------------------------
 
