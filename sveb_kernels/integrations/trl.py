@@ -63,10 +63,13 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from ..estimators import (
     ADVANTAGE_MODES,
     Estimator,
+    GroupMean,
     Hista,
+    LeaveOneOutMean,
     LinearCritic,
     Numca,
     RolloutBatch,
+    Shard,
     advantages_from_values,
     make_estimator,
 )
@@ -74,6 +77,8 @@ from ..estimators import (
 __all__ = ["SvebGRPOTrainer", "TESTED_TRL"]
 
 TESTED_TRL = (">=1.16", "<1.17")
+# estimators that value a process's rows of a sharded batch through sveb_kernels.distributed
+SHARDABLE = (GroupMean, LeaveOneOutMean, Numca, Hista)
 
 
 def _check_trl_version() -> None:
@@ -279,24 +284,42 @@ class SvebGRPOTrainer(GRPOTrainer):
         # cells: [last prompt token | completion]; state cell t = before completion token t
         valid = completion_mask.to(torch.bool)
         no = torch.zeros(local_rows, 1, dtype=torch.bool, device=device)
-        token_ids = self._gather_padded(torch.cat([prompt_ids[:, -1:], completion_ids], dim=1), pad_id)
-        response_mask = self._gather_padded(torch.cat([no, valid], dim=1), False)
-        state_mask = self._gather_padded(torch.cat([valid, no], dim=1), False)
-        length = token_ids.shape[1] - 1
+        local_ids = torch.cat([prompt_ids[:, -1:], completion_ids], dim=1)
+        local_response, local_states = torch.cat([no, valid], dim=1), torch.cat([valid, no], dim=1)
+        first = self.accelerator.process_index * local_rows
 
-        def hidden_fn(batch: RolloutBatch) -> Tensor:
-            states = (torch.cat(captured, dim=0) if captured is not None else
-                      self._hidden_by_forward(prompt_ids, prompt_mask, completion_ids, completion_mask))
-            states = self._gather_padded(states, 0.0)  # [B, C, D]
-            states = torch.nn.functional.pad(states, (0, 0, 0, 1))  # the unused last cell
-            return batch.packing.pack(states)
+        def states_before_tokens() -> Tensor:  # [b, C, D] of this process's rows
+            if captured is not None:
+                return torch.cat(captured, dim=0)
+            return self._hidden_by_forward(prompt_ids, prompt_mask, completion_ids, completion_mask)
 
-        batch = RolloutBatch(token_ids, response_mask, group_index, returns, state_mask=state_mask,
-                             tokenizer=self._tokenizer, hidden_fn=hidden_fn, device=device)
-        cell_values = batch.check_values(self.value_estimator.estimate(batch),
-                                         f"value estimator {self.value_estimator.name!r}").to(device)
-        token_mask = state_mask[:, :length]
-        values = cell_values[:, :length].masked_fill(~token_mask, 0.0)
+        def cells(states: Tensor) -> Tensor:  # [B, C, D] -> [B, C + 1, D], the last cell unused
+            return torch.nn.functional.pad(states, (0, 0, 0, 1))
+
+        if self.accelerator.num_processes > 1 and isinstance(self.value_estimator, SHARDABLE):
+            # Each process values its own rows; the estimator's collectives keep groups whole.
+            shard = Shard(row_ids=torch.arange(first, first + local_rows, device=device), all_returns=returns,
+                          all_group_index=group_index)
+            batch = RolloutBatch(local_ids, local_response, group_index[first:first + local_rows],
+                                 returns[first:first + local_rows], state_mask=local_states,
+                                 tokenizer=self._tokenizer, device=device, shard=shard,
+                                 hidden_fn=lambda b: b.packing.pack(cells(states_before_tokens())))
+            cell_values = self._estimate(batch)
+            local_values = cell_values[:, :local_length].masked_fill(~valid, 0.0)
+            values = self._gather_padded(local_values, 0.0)
+            token_ids = self._gather_padded(local_ids, pad_id)
+            token_mask = self._gather_padded(valid, False)
+        else:
+            # The whole generation batch on every process (gathered when there are several).
+            token_ids = self._gather_padded(local_ids, pad_id)
+            state_mask = self._gather_padded(local_states, False)
+            batch = RolloutBatch(token_ids, self._gather_padded(local_response, False), group_index, returns,
+                                 state_mask=state_mask, tokenizer=self._tokenizer, device=device,
+                                 hidden_fn=lambda b: b.packing.pack(cells(self._gather_padded(states_before_tokens(),
+                                                                                              0.0))))
+            length = token_ids.shape[1] - 1
+            token_mask = state_mask[:, :length]
+            values = self._estimate(batch)[:, :length].masked_fill(~token_mask, 0.0)
         advantages = advantages_from_values(values, returns, token_mask, mode=self.advantage_mode, gamma=self.gamma,
                                             lam=self.lam, whiten=self.whiten_advantages,
                                             backend=self.estimator_backend)
@@ -305,10 +328,13 @@ class SvebGRPOTrainer(GRPOTrainer):
         advantages = advantages.masked_fill(unscorable[:, None], 0.0)
 
         self._log_token_level(mode, values, advantages, token_mask, time.perf_counter() - started)
-        self.sveb_last = SimpleNamespace(batch=batch, values=values, advantages=advantages, returns=returns,
-                                         rewards=rewards, token_mask=token_mask)
-        first = self.accelerator.process_index * local_rows
+        self.sveb_last = SimpleNamespace(batch=batch, token_ids=token_ids, values=values, advantages=advantages,
+                                         returns=returns, rewards=rewards, token_mask=token_mask)
         return advantages[first:first + local_rows, :local_length].contiguous()
+
+    def _estimate(self, batch: RolloutBatch) -> Tensor:
+        values = self.value_estimator.estimate(batch)
+        return batch.check_values(values, f"value estimator {self.value_estimator.name!r}").to(self.accelerator.device)
 
     def _reward_std(self, rewards: Tensor, generations: int) -> Tensor:
         """GRPO's std of the rewards: per group (`scale_rewards="group"`) or of the batch."""
