@@ -26,10 +26,13 @@ norm), taken at the position before each completion token, by a forward hook dur
 forward TRL already runs for the old log-probs when it runs one; otherwise one extra no-grad
 forward of the policy (logits of one position only). `output_hidden_states` is never used.
 
-Groups that span processes: rewards are gathered by TRL; token ids, masks and (when needed) the
-hidden states at the state cells are gathered here, every process computes the values of the whole
-batch and keeps its rows. (A sharded Hista that does not gather hidden states is the job of
-`sveb_kernels.distributed`, not used here yet.)
+Groups that span processes (TRL spreads a prompt's generations over processes): the built-in
+estimators (numca, hista, group_mean, rloo) value each process's own rows with
+`sveb_kernels.distributed` (Hista regroups tokens with all_to_all, Numca exchanges milestone keys;
+no process receives all hidden states), through a `Shard` batch. A callable gets the whole
+generation batch: token ids, masks and, when it reads them, the hidden states at the state cells
+are gathered. Values are then gathered ([B, C] floats) so scaling, whitening and logging see the
+whole batch, and each process keeps its rows.
 
 Logged: TRL's per-completion `advantages` (the completions table) become the mean token
 advantage of each completion, with the token-level numbers in the extra columns
