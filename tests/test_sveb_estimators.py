@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from oracles import hista_oracle, numca_values_oracle, numeric_spans_oracle
-from sveb_kernels.sveb import critic as critic_module
+from sveb_kernels.estimators import critic as critic_module
 from sveb_kernels.sveb import data, estimators, tiny
 from sveb_kernels.sveb.batch import SvebBatch
 from sveb_kernels.sveb.evaluate import evaluate

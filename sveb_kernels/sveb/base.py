@@ -1,22 +1,6 @@
-"""The estimator interface (estimators.py has the built-in ones)."""
+"""The estimator interface lives in `sveb_kernels.estimators` (shared with the trainer
+integrations); re-exported here for SVEB code written against this module."""
 
-from __future__ import annotations
+from ..estimators.base import Estimator
 
-from torch import Tensor
-
-from .batch import SvebBatch
-
-
-class Estimator:
-    """`name`; `fit(train_batch)`, called with the train split when there is one; `estimate(batch)`
-    -> values [B, L] aligned with batch.input_ids. `needs_train`: skip (with a reason) without a
-    train split instead of estimating untrained."""
-
-    name = "estimator"
-    needs_train = False
-
-    def fit(self, train: SvebBatch) -> None:  # most estimators need no training
-        pass
-
-    def estimate(self, batch: SvebBatch) -> Tensor:
-        raise NotImplementedError
+__all__ = ["Estimator"]
