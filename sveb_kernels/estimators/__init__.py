@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from .advantages import ADVANTAGE_MODES, advantages_from_values
 from .base import CallableEstimator, Estimator, as_estimator
-from .batch import HiddenFn, MissingInputError, RolloutBatch
+from .batch import HiddenFn, MissingInputError, RolloutBatch, Shard
 from .builtin import GroupMean, Hista, LeaveOneOutMean, Numca, peer_mean
 from .critic import LinearCritic
 
@@ -61,6 +61,6 @@ def make_estimator(spec, **options) -> Estimator:
 
 __all__ = [
     "ADVANTAGE_MODES", "CallableEstimator", "Estimator", "GroupMean", "HiddenFn", "Hista", "LeaveOneOutMean",
-    "LinearCritic", "MissingInputError", "NAMED", "Numca", "RolloutBatch", "advantages_from_values",
+    "LinearCritic", "MissingInputError", "NAMED", "Numca", "RolloutBatch", "Shard", "advantages_from_values",
     "as_estimator", "make_estimator", "peer_mean",
 ]

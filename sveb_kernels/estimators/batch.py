@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -25,6 +26,24 @@ def _mask(name: str, mask: Tensor, shape: tuple) -> Tensor:
     return mask.to(torch.bool)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Marks a batch as one process's rows of a batch sharded over torch.distributed ranks, whose
+    groups may span ranks. Estimators that support it (GroupMean, LeaveOneOutMean, Numca, Hista)
+    then call `sveb_kernels.distributed` so the values equal those of the whole batch.
+
+    row_ids: [B] int64, each local row's global rollout id, an index into the two below.
+    all_returns: [B_all] float, the returns of all ranks' rollouts (small; trainers gather them anyway).
+    all_group_index: [B_all] int, their groups.
+    group: the process group (None: the world).
+    """
+
+    row_ids: Tensor
+    all_returns: Tensor
+    all_group_index: Tensor
+    group: Any = None
+
+
 class RolloutBatch:
     """Rollouts as padded tensors; row b is one rollout.
 
@@ -42,6 +61,8 @@ class RolloutBatch:
         hidden: [N, D] hidden states of the packed state cells, or `hidden_fn(batch)` that makes
             them on first access (so estimators that need none never pay for a forward pass).
         device: where estimators compute (default: the device of token_ids).
+        shard: a `Shard` when the rows are this process's part of a batch sharded over processes
+            (group_index and returns then hold global groups and this process's returns).
 
     `packing` is `Packing.from_padded(state_mask, group_index)`: N state cells, groups contiguous,
     the layout the Hista op takes; `packing.unpack(values[N])` gives [B, T].
@@ -50,7 +71,7 @@ class RolloutBatch:
     def __init__(self, token_ids: Tensor, response_mask: Tensor, group_index: Tensor, returns: Tensor, *,
                  state_mask: Optional[Tensor] = None, tokenizer=None, vocab=None,
                  hidden: Optional[Tensor] = None, hidden_fn: Optional[HiddenFn] = None,
-                 device: Union[torch.device, str, None] = None):
+                 device: Union[torch.device, str, None] = None, shard: Optional[Shard] = None):
         _checks.tensor("token_ids", token_ids, ndim=2, dtypes=_checks.INT_DTYPES)
         shape = tuple(token_ids.shape)
         self.token_ids = token_ids
@@ -67,6 +88,7 @@ class RolloutBatch:
         self._hidden_fn = hidden_fn
         self._cache: dict = {}
         self._packing: Optional[Packing] = None
+        self.shard = shard
 
     @property
     def num_rollouts(self) -> int:

@@ -15,27 +15,28 @@ def _per_row(batch: RolloutBatch, row_values: Tensor) -> Tensor:
     return row_values.to(torch.float32)[:, None].expand(batch.shape).clone()
 
 
-def _group_sums(batch: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
-    """(sum of returns, rollout count) per group, and each row's group slot."""
-    _, slot = torch.unique(batch.group_index, return_inverse=True)
+def _peer_mean(returns: Tensor, group_index: Tensor, leave_one_out: bool, empty_value: float) -> Tensor:
+    _, slot = torch.unique(group_index, return_inverse=True)
+    slot = slot.to(returns.device)
     groups = int(slot.max()) + 1 if slot.numel() else 0
-    returns = batch.returns.to(torch.float64)
-    sums = torch.zeros(groups, dtype=torch.float64, device=returns.device).index_add_(0, slot.to(returns.device), returns)
-    counts = torch.bincount(slot, minlength=groups).to(torch.float64).to(returns.device)
-    return sums, counts, slot.to(returns.device)
+    returns = returns.to(torch.float64)
+    sums = torch.zeros(groups, dtype=torch.float64, device=returns.device).index_add_(0, slot, returns)
+    counts = torch.bincount(slot, minlength=groups).to(torch.float64)
+    if leave_one_out:
+        peers, total = counts[slot] - 1, sums[slot] - returns
+    else:
+        peers, total = counts[slot], sums[slot]
+    return torch.where(peers > 0, total / peers.clamp_min(1), torch.full_like(total, empty_value))
 
 
 def peer_mean(batch: RolloutBatch, *, leave_one_out: bool, empty_value: float = 0.0) -> Tensor:
     """[B] float64: the mean return of each row's peers (its group, without itself when
-    `leave_one_out`), `empty_value` for a row without peers."""
-    sums, counts, slot = _group_sums(batch)
-    returns = batch.returns.to(torch.float64)
-    if leave_one_out:
-        peers = counts[slot] - 1
-        total = sums[slot] - returns
-    else:
-        peers, total = counts[slot], sums[slot]
-    return torch.where(peers > 0, total / peers.clamp_min(1), torch.full_like(total, empty_value))
+    `leave_one_out`), `empty_value` for a row without peers. Over all ranks for a sharded batch."""
+    if batch.shard is not None:
+        shard = batch.shard
+        every = _peer_mean(shard.all_returns, shard.all_group_index, leave_one_out, empty_value)
+        return every[shard.row_ids.to(every.device)].to(batch.returns.device)
+    return _peer_mean(batch.returns, batch.group_index, leave_one_out, empty_value)
 
 
 class GroupMean(Estimator):
@@ -92,8 +93,7 @@ class Hista(Estimator):
         returns = batch.returns.to(device)[rollout_ids.long()]
         temperature = float(self.temperature)
         if self.similarity == "dot":
-            mean_sq = batch.cached(("mean_sq_norm", device), lambda: float(
-                torch.linalg.vector_norm(hidden, dim=1, dtype=torch.float32).pow(2).mean()) if hidden.shape[0] else 1.0)
+            mean_sq = batch.cached(("mean_sq_norm", device), lambda: _mean_sq_norm(hidden, batch.shard))
             temperature *= max(mean_sq, 1e-12)
         self.last_temperature = temperature
         key_bias = None
@@ -105,14 +105,34 @@ class Hista(Estimator):
                     backend=self.backend)
 
     def estimate(self, batch: RolloutBatch) -> Tensor:
-        from .. import hista_values
-
         args = self.op_arguments(batch)
         hidden = args.pop("hidden")
-        out = hista_values(hidden, args.pop("returns"), args.pop("rollout_ids"),
-                           batch.packing.group_offsets.to(hidden.device), **args)
         packing = batch.packing
+        if batch.shard is None:
+            from .. import hista_values
+
+            out = hista_values(hidden, args.pop("returns"), args.pop("rollout_ids"),
+                               packing.group_offsets.to(hidden.device), **args)
+        else:  # groups may span ranks: regroup tokens, never gather all hidden states
+            from ..distributed import hista_values as sharded_hista_values
+
+            rows = args.pop("rollout_ids").long()
+            out = sharded_hista_values(hidden, args.pop("returns"), batch.shard.row_ids.to(hidden.device)[rows],
+                                       batch.group_index.to(hidden.device)[rows], group=batch.shard.group, **args)
         return packing.unpack(out.values.to(packing.token_index.device)).to(batch.device)
+
+
+def _mean_sq_norm(hidden: Tensor, shard) -> float:
+    sq = torch.linalg.vector_norm(hidden, dim=1, dtype=torch.float32).pow(2)
+    total = torch.stack([sq.sum().double(), torch.tensor(float(sq.numel()), dtype=torch.float64, device=sq.device)])
+    if shard is not None:
+        import torch.distributed as dist
+
+        from ..distributed import _comm
+
+        total = total.to(_comm.device(shard.group))
+        dist.all_reduce(total, group=shard.group)
+    return float(total[0] / total[1]) if float(total[1]) else 1.0
 
 
 class Numca(Estimator):
@@ -165,8 +185,14 @@ class Numca(Estimator):
             batch.token_ids.to(device), vocab, mask=batch.response_mask.to(device), backend=self.backend))
 
     def estimate(self, batch: RolloutBatch) -> Tensor:
-        from ..numca import numca_values
+        if batch.shard is None:
+            from ..numca import numca_values
+        else:  # groups may span ranks: ranks exchange milestone keys and returns
+            import functools
 
+            from ..distributed import numca_values as sharded_numca_values
+
+            numca_values = functools.partial(sharded_numca_values, group=batch.shard.group)
         device = batch.device
         mask = batch.response_mask.to(device)
         values = numca_values(self.spans(batch), batch.returns.to(device), batch.group_index.to(device), mask,

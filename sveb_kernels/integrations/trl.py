@@ -1,0 +1,384 @@
+"""`SvebGRPOTrainer`: `trl.GRPOTrainer` with token-level advantages from Hista, Numca or any value
+estimator (docs/CONTRACT.md §5). Needs `pip install "sveb_kernels[trl]"` (trl >= 1.16, < 1.17).
+
+    from sveb_kernels.integrations.trl import SvebGRPOTrainer
+    trainer = SvebGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...,
+                              value_estimator="numca")          # or "hista", or fn(batch) -> [B, T]
+    trainer.train()
+
+GRPO gives every token of a completion the same advantage, (R - mean of the group) / std. Here
+token t of a completion gets `A_t = R - V(s_t)` (or GAE over V with `gamma`, `lam`), where
+V(s_t) is the estimator's value of the state *before* token t (prompt plus the completion's first
+t tokens), computed over whole groups; then, like GRPO, divided by the reward std of the group
+(`scale_rewards="group"`) or batch (`"batch"`), or not (`"none"`); or whitened over the batch's
+tokens (`whiten_advantages=True`). With the `"group_mean"` estimator this is exactly GRPO.
+
+The estimator sees a `sveb_kernels.estimators.RolloutBatch` of the whole generation batch (all
+processes): `token_ids` [B, C + 1] = the last prompt token then the completion; `response_mask`
+the completion tokens; `state_mask` the cells 0..C-1 of each completion's tokens, cell t standing
+for the state before completion token t; `group_index` the prompt; `returns` the summed weighted
+rewards. It returns values [B, C + 1]; value t of a completion is the value at cell t. The same
+estimator objects are what `sveb-kernels sveb eval` scores.
+
+Hidden states (Hista, or an estimator with `needs_hidden = True`): the output of one layer
+(`hidden_layer`, indexed like `hidden_states`: 0 the embeddings, -1 the last, after the final
+norm), taken at the position before each completion token, by a forward hook during the no-grad
+forward TRL already runs for the old log-probs when it runs one; otherwise one extra no-grad
+forward of the policy (logits of one position only). `output_hidden_states` is never used.
+
+Groups that span processes (TRL spreads a prompt's generations over processes): the built-in
+estimators (numca, hista, group_mean, rloo) value each process's own rows with
+`sveb_kernels.distributed` (Hista regroups tokens with all_to_all, Numca exchanges milestone keys;
+no process receives all hidden states), through a `Shard` batch. A callable gets the whole
+generation batch: token ids, masks and, when it reads them, the hidden states at the state cells
+are gathered. Values are then gathered ([B, C] floats) so scaling, whitening and logging see the
+whole batch, and each process keeps its rows.
+
+Logged: TRL's per-completion `advantages` (the completions table) become the mean token
+advantage of each completion, with the token-level numbers in the extra columns
+`sveb_token_advantages` and `sveb_token_values`; metrics `sveb/value/*`, `sveb/advantage/*`
+(mean, std, min, max, within-completion std) and `sveb/estimate_seconds`.
+
+TRL internals relied on (trl 1.16): `GRPOTrainer._generate_and_score_completions` (its output dict
+keys, its `advantages` entry replaced by a [B, T] tensor, which `_compute_loss` accepts),
+`_calculate_rewards` (all processes' rewards per function), `_get_per_token_logps_and_entropies`
+(the no-grad forward), `reward_weights`, `num_generations(_eval)`, `scale_rewards`,
+`multi_objective_aggregation`, `_logs`, `_metrics`, `_tokenizer`, and the rule deciding when TRL
+computes old log-probs (`gradient_accumulation_steps % (steps_per_generation * num_iterations)`,
+or vLLM importance sampling).
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    import trl
+    from trl import GRPOTrainer
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError('sveb_kernels.integrations.trl needs TRL: pip install "sveb_kernels[trl]"') from e
+
+from ..estimators import (
+    ADVANTAGE_MODES,
+    Estimator,
+    GroupMean,
+    Hista,
+    LeaveOneOutMean,
+    LinearCritic,
+    Numca,
+    RolloutBatch,
+    Shard,
+    advantages_from_values,
+    make_estimator,
+)
+
+__all__ = ["SvebGRPOTrainer", "TESTED_TRL"]
+
+TESTED_TRL = (">=1.16", "<1.17")
+# estimators that value a process's rows of a sharded batch through sveb_kernels.distributed
+SHARDABLE = (GroupMean, LeaveOneOutMean, Numca, Hista)
+
+
+def _check_trl_version() -> None:
+    parts = trl.__version__.split(".")
+    try:
+        major, minor = int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):  # pragma: no cover - unusual version strings
+        return
+    if (major, minor) != (1, 16):
+        import warnings
+
+        warnings.warn(f"SvebGRPOTrainer is tested with trl {','.join(TESTED_TRL)}, found {trl.__version__}; it relies "
+                      f"on GRPOTrainer internals (see sveb_kernels.integrations.trl)", stacklevel=3)
+
+
+def resolve_layer(model, layer: int):
+    """The module whose output is `hidden_states[layer]` of a transformers causal LM: 0 the
+    embeddings, 1..n-1 the decoder layers, n (or -1) the final norm."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, base.base_model_prefix, None)
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(base).__name__} to read hidden states from")
+    n = len(layers)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -(n + 1) <= layer <= n:
+        raise ValueError(f"hidden_layer must be an int in [{-(n + 1)}, {n}] for this model, got {layer!r}")
+    index = layer % (n + 1)
+    if index == 0:
+        return base.get_input_embeddings()
+    if index == n:
+        norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None)
+        if norm is None:
+            raise ValueError(f"cannot find the final norm of {type(base).__name__}; pass hidden_layer < {n}")
+        return norm
+    return layers[index - 1]
+
+
+def _layer_output(output) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class SvebGRPOTrainer(GRPOTrainer):
+    """`trl.GRPOTrainer` (same arguments) with token-level advantages from a value estimator.
+
+    Keyword arguments beyond GRPOTrainer's:
+        value_estimator: "numca" (default), "hista", "group_mean", "rloo", a
+            `sveb_kernels.estimators.Estimator`, or a callable fn(batch) -> values [B, T]
+            (see the module docstring for the batch).
+        advantage_mode: "r_minus_v" (A_t = R - V(s_t)) or "gae" (`sveb_kernels.gae` over V).
+        gamma, lam: GAE's discount and lambda (mode "gae"; 1, 1 equals "r_minus_v").
+        whiten_advantages: whiten the token advantages over the batch instead of TRL's
+            `scale_rewards` division.
+        hidden_layer: the layer Hista reads (`hidden_states` index; -1 the last).
+        hista_temperature, hista_similarity: Hista's options (docs/CONTRACT.md §1).
+        numca_match, numca_leave_one_out, numca_min_support: Numca's options (docs/CONTRACT.md §2).
+        numeric_vocab: a `sveb_kernels.NumericVocab` for Numca (default: built from the tokenizer).
+        estimator_backend: the ops' backend ("auto").
+    """
+
+    def __init__(self, *args, value_estimator="numca", advantage_mode: str = "r_minus_v", gamma: float = 1.0,
+                 lam: float = 1.0, whiten_advantages: bool = False, hidden_layer: int = -1,
+                 hista_temperature: float = 0.1, hista_similarity: str = "cosine", numca_match: str = "last",
+                 numca_leave_one_out: bool = True, numca_min_support: int = 1, numeric_vocab=None,
+                 estimator_backend: str = "auto", **kwargs):
+        _check_trl_version()
+        if advantage_mode not in ADVANTAGE_MODES:
+            raise ValueError(f"advantage_mode must be one of {ADVANTAGE_MODES}, got {advantage_mode!r}")
+        for name, value in (("gamma", gamma), ("lam", lam)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        named = value_estimator if isinstance(value_estimator, str) else None
+        if named == "numca":
+            estimator = Numca(numca_match, leave_one_out=numca_leave_one_out, min_support=numca_min_support,
+                              vocab=numeric_vocab, backend=estimator_backend)
+        elif named == "hista":
+            estimator = Hista(hista_similarity, hista_temperature, backend=estimator_backend)
+        else:
+            estimator = make_estimator(value_estimator)
+        super().__init__(*args, **kwargs)
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError("SvebGRPOTrainer needs multi_objective_aggregation='sum_then_normalize' (the return R "
+                             f"is the weighted sum of the rewards), got {self.multi_objective_aggregation!r}")
+        if isinstance(estimator, Numca) and estimator.tokenizer is None:
+            estimator.tokenizer = self._tokenizer
+        self.value_estimator: Estimator = estimator
+        self.advantage_mode = advantage_mode
+        self.gamma, self.lam = float(gamma), float(lam)
+        self.whiten_advantages = bool(whiten_advantages)
+        self.estimator_backend = estimator_backend
+        self._sveb_needs_hidden = isinstance(estimator, (Hista, LinearCritic)) or bool(
+            getattr(estimator, "needs_hidden", False) or getattr(value_estimator, "needs_hidden", False))
+        self._sveb_hidden_layer = hidden_layer
+        self._sveb_layer_module = None
+        if self._sveb_needs_hidden:  # a bad hidden_layer fails here, not at the first step
+            self._sveb_layer_module = resolve_layer(self.accelerator.unwrap_model(self.model), hidden_layer)
+        self._sveb_rewards_per_func: Optional[Tensor] = None
+        self._sveb_capture: Optional[list] = None
+        self.sveb_last: Optional[SimpleNamespace] = None  # the last batch's estimate, for inspection and tests
+
+    @property
+    def _sveb_layer(self):
+        """The module whose output is the hidden states the estimator reads."""
+        if self._sveb_layer_module is None:
+            self._sveb_layer_module = resolve_layer(self.accelerator.unwrap_model(self.model), self._sveb_hidden_layer)
+        return self._sveb_layer_module
+
+    # -- what TRL computes on the way ---------------------------------------------------------------
+
+    def _calculate_rewards(self, *args, **kwargs):
+        rewards_per_func = super()._calculate_rewards(*args, **kwargs)
+        self._sveb_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _trl_runs_policy_forward(self) -> bool:
+        """Whether `_generate_and_score_completions` runs its no-grad policy forward (old log-probs)."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return bool(self.args.gradient_accumulation_steps % generate_every != 0
+                    or (self.use_vllm and self.vllm_importance_sampling_correction))
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        capture = self._sveb_capture
+        if capture is None or model is not self.model or torch.is_grad_enabled():
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              *args, **kwargs)
+        self._sveb_capture = None  # only the first no-grad policy forward: the old log-probs
+        handle = self._sveb_layer.register_forward_hook(self._state_hook(capture, logits_to_keep))
+        try:
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              *args, **kwargs)
+        finally:
+            handle.remove()
+
+    @staticmethod
+    def _state_hook(store: list, completion_length: int):
+        # Position P-1+t holds the state before completion token t: the last C+1 positions but the last.
+        def hook(module, inputs, output):
+            hidden = _layer_output(output)
+            store.append(hidden[:, -(completion_length + 1):-1].detach())
+        return hook
+
+    @torch.no_grad()
+    def _hidden_by_forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
+        """One extra no-grad forward of the policy: [b, C, D] states before each completion token."""
+        model = self.accelerator.unwrap_model(self.model)
+        ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention = torch.cat([prompt_mask, completion_mask], dim=1)
+        store: list = []
+        handle = self._sveb_layer.register_forward_hook(self._state_hook(store, completion_ids.shape[1]))
+        step = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        try:
+            for r0 in range(0, ids.shape[0], max(1, step)):
+                model(input_ids=ids[r0:r0 + step], attention_mask=attention[r0:r0 + step], logits_to_keep=1,
+                      use_cache=False)
+        finally:
+            handle.remove()
+        return torch.cat(store, dim=0)
+
+    # -- token-level advantages ---------------------------------------------------------------------
+
+    def _generate_and_score_completions(self, inputs):
+        mode = "train" if self.model.training else "eval"
+        self._sveb_rewards_per_func = None
+        captured: Optional[list] = [] if self._sveb_needs_hidden and self._trl_runs_policy_forward() else None
+        self._sveb_capture = captured
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._sveb_capture = None
+        if self._sveb_rewards_per_func is None:
+            raise RuntimeError("SvebGRPOTrainer did not see the rewards: GRPOTrainer._calculate_rewards was not called "
+                               f"(trl {trl.__version__} is not a tested version)")
+        output["advantages"] = self._token_advantages(output, captured or None, mode)
+        return output
+
+    def _gather_padded(self, x: Tensor, pad) -> Tensor:
+        if self.accelerator.num_processes == 1:
+            return x
+        return self.accelerator.gather(self.accelerator.pad_across_processes(x, dim=1, pad_index=pad))
+
+    def _token_advantages(self, output: dict, captured: Optional[list], mode: str) -> Tensor:
+        started = time.perf_counter()
+        device = self.accelerator.device
+        prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
+        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
+        local_rows, local_length = completion_ids.shape
+        pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+
+        rewards_per_func = self._sveb_rewards_per_func.to(device)
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        rewards = (rewards_per_func * self.reward_weights.to(device)[None, :]).nansum(dim=1)
+        rewards[unscorable] = torch.nan
+        generations = self.num_generations if mode == "train" else self.num_generations_eval
+        total_rows = rewards.numel()
+        if total_rows % generations:
+            raise RuntimeError(f"{total_rows} completions do not split into groups of {generations}")
+        group_index = torch.arange(total_rows, device=device) // generations
+        grouped = rewards.view(-1, generations)
+        group_mean = torch.nan_to_num(torch.nanmean(grouped, dim=1), nan=0.0)
+        # An unscorable completion (every reward function returned None) stands at its group's mean
+        # so it moves no peer's value; TRL gives it advantage 0, and so do we below.
+        returns = torch.where(torch.isnan(rewards), group_mean.repeat_interleave(generations), rewards)
+
+        # cells: [last prompt token | completion]; state cell t = before completion token t
+        valid = completion_mask.to(torch.bool)
+        no = torch.zeros(local_rows, 1, dtype=torch.bool, device=device)
+        local_ids = torch.cat([prompt_ids[:, -1:], completion_ids], dim=1)
+        local_response, local_states = torch.cat([no, valid], dim=1), torch.cat([valid, no], dim=1)
+        first = self.accelerator.process_index * local_rows
+
+        def states_before_tokens() -> Tensor:  # [b, C, D] of this process's rows
+            if captured is not None:
+                return torch.cat(captured, dim=0)
+            return self._hidden_by_forward(prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+        def cells(states: Tensor) -> Tensor:  # [B, C, D] -> [B, C + 1, D], the last cell unused
+            return torch.nn.functional.pad(states, (0, 0, 0, 1))
+
+        if self.accelerator.num_processes > 1 and isinstance(self.value_estimator, SHARDABLE):
+            # Each process values its own rows; the estimator's collectives keep groups whole.
+            shard = Shard(row_ids=torch.arange(first, first + local_rows, device=device), all_returns=returns,
+                          all_group_index=group_index)
+            batch = RolloutBatch(local_ids, local_response, group_index[first:first + local_rows],
+                                 returns[first:first + local_rows], state_mask=local_states,
+                                 tokenizer=self._tokenizer, device=device, shard=shard,
+                                 hidden_fn=lambda b: b.packing.pack(cells(states_before_tokens())))
+            cell_values = self._estimate(batch)
+            local_values = cell_values[:, :local_length].masked_fill(~valid, 0.0)
+            values = self._gather_padded(local_values, 0.0)
+            token_ids = self._gather_padded(local_ids, pad_id)
+            token_mask = self._gather_padded(valid, False)
+        else:
+            # The whole generation batch on every process (gathered when there are several).
+            token_ids = self._gather_padded(local_ids, pad_id)
+            state_mask = self._gather_padded(local_states, False)
+            batch = RolloutBatch(token_ids, self._gather_padded(local_response, False), group_index, returns,
+                                 state_mask=state_mask, tokenizer=self._tokenizer, device=device,
+                                 hidden_fn=lambda b: b.packing.pack(cells(self._gather_padded(states_before_tokens(),
+                                                                                              0.0))))
+            length = token_ids.shape[1] - 1
+            token_mask = state_mask[:, :length]
+            values = self._estimate(batch)[:, :length].masked_fill(~token_mask, 0.0)
+        advantages = advantages_from_values(values, returns, token_mask, mode=self.advantage_mode, gamma=self.gamma,
+                                            lam=self.lam, whiten=self.whiten_advantages,
+                                            backend=self.estimator_backend)
+        if not self.whiten_advantages and self.scale_rewards != "none":
+            advantages = advantages / (self._reward_std(rewards, generations)[:, None] + 1e-4)
+        advantages = advantages.masked_fill(unscorable[:, None], 0.0)
+
+        self._log_token_level(mode, values, advantages, token_mask, time.perf_counter() - started)
+        self.sveb_last = SimpleNamespace(batch=batch, token_ids=token_ids, values=values, advantages=advantages,
+                                         returns=returns, rewards=rewards, token_mask=token_mask)
+        return advantages[first:first + local_rows, :local_length].contiguous()
+
+    def _estimate(self, batch: RolloutBatch) -> Tensor:
+        values = self.value_estimator.estimate(batch)
+        return batch.check_values(values, f"value estimator {self.value_estimator.name!r}").to(self.accelerator.device)
+
+    def _reward_std(self, rewards: Tensor, generations: int) -> Tensor:
+        """GRPO's std of the rewards: per group (`scale_rewards="group"`) or of the batch."""
+        from trl.trainer.utils import nanstd
+
+        if self.scale_rewards == "group":
+            if generations < 2:
+                return torch.zeros_like(rewards)
+            return nanstd(rewards.view(-1, generations), dim=1).repeat_interleave(generations)
+        if self.scale_rewards == "batch":
+            return nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        raise ValueError(f"scale_rewards must be 'batch', 'group' or 'none', got {self.scale_rewards!r}")
+
+    def _log_token_level(self, mode: str, values: Tensor, advantages: Tensor, mask: Tensor, seconds: float) -> None:
+        metrics = self._metrics[mode]
+        count = mask.sum(dim=1)
+        has = count > 0
+        for name, x in (("value", values), ("advantage", advantages)):
+            sel = x[mask].double()
+            if sel.numel():
+                metrics[f"sveb/{name}/mean"].append(sel.mean().item())
+                metrics[f"sveb/{name}/std"].append(sel.std().item() if sel.numel() > 1 else 0.0)
+                metrics[f"sveb/{name}/min"].append(sel.min().item())
+                metrics[f"sveb/{name}/max"].append(sel.max().item())
+            # spread of the values along one completion: 0 for GRPO's constant advantages
+            xd = x.double() * mask
+            mean = xd.sum(dim=1) / count.clamp_min(1)
+            var = ((xd - mean[:, None]) ** 2 * mask).sum(dim=1) / count.clamp_min(1)
+            if bool(has.any()):
+                metrics[f"sveb/{name}/within_completion_std"].append(var[has].sqrt().mean().item())
+        metrics["sveb/estimate_seconds"].append(seconds)
+
+        # the completions table: TRL's per-completion advantage -> the mean token advantage, plus
+        # the token-level numbers as extra columns
+        rows = advantages.shape[0]
+        mean_advantage = ((advantages.double() * mask).sum(dim=1) / count.clamp_min(1)).tolist()
+        logged = self._logs["advantages"]
+        keep = min(len(logged), rows)
+        for _ in range(keep):
+            logged.pop()
+        logged.extend(mean_advantage[rows - keep:])
+        for column, x in (("sveb_token_advantages", advantages), ("sveb_token_values", values)):
+            self._logs["extra"][column].extend(
+                " ".join(f"{v:.3g}" for v in x[b][mask[b]].tolist()) for b in range(rows))
