@@ -133,3 +133,34 @@ def test_numca_kernels_compile_without_spills(arch):
                  baseline_ptr="*fp64", out_ptr="*fp32"),
             {}, dict(PREFIX=prefix, SEARCH_STEPS=12, BLOCK_T=1024), 8)
         assert spilled_bytes(kernel) == 0
+
+
+def _ptx_code(kernel):
+    """PTX instructions without debug sections, line markers and comments."""
+    ptx = kernel.asm["ptx"].split(".section\t.debug")[0]
+    lines = (" ".join(line.split("//")[0].split()) for line in ptx.splitlines())
+    return [line for line in lines if line and not line.startswith((".loc", ".file"))]
+
+
+def test_loop_bound_leaves_compiled_code_unchanged():
+    """`loop_bound` (the interpreter shim of sveb_kernels/_triton_compat.py) inlines to nothing."""
+    import triton.language as tl
+
+    from sveb_kernels._triton_compat import loop_bound
+
+    @triton.jit
+    def plain(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for i in range(0, n, BLOCK):
+            acc += tl.load(x_ptr + i + tl.arange(0, BLOCK))
+        tl.store(out_ptr + tl.arange(0, BLOCK), acc)
+
+    @triton.jit
+    def shimmed(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for i in range(0, loop_bound(n), BLOCK):
+            acc += tl.load(x_ptr + i + tl.arange(0, BLOCK))
+        tl.store(out_ptr + tl.arange(0, BLOCK), acc)
+
+    compiled = [_ptx_code(compile_kernel(fn, 90, {}, {}, dict(BLOCK=128), 4)) for fn in (plain, shimmed)]
+    assert compiled[0] == [line.replace("shimmed", "plain") for line in compiled[1]]

@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_compat import loop_bound
+
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -44,7 +46,7 @@ def _gae_kernel(rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr, T, gamma_hi
     is_last = back == BLOCK_T - 1
     next_value = tl.zeros((), tl.float32)  # nextv entering the chunk from later positions
     carry = tl.zeros((), tl.float32)  # advantage entering the chunk from later positions
-    for c in range(0, tl.cdiv(T, BLOCK_T)):
+    for c in range(0, loop_bound(tl.cdiv(T, BLOCK_T))):
         t = (T - 1 - c * BLOCK_T) - back  # positions of this chunk, latest first
         inside = t >= 0
         r = tl.load(r_row + t, mask=inside, other=0.0).to(tl.float64)

@@ -59,6 +59,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_compat import loop_bound
+
 EPS = 1e-6
 LOG2E = 1.4426950408889634
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -174,7 +176,7 @@ def _row_terms_kernel(hidden_ptr, key_mask_ptr, key_bias_ptr, q_scale_ptr, k_sca
     if COSINE:
         cols = tl.arange(0, BLOCK_D)
         squares = tl.zeros((BLOCK_R,), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in range(0, loop_bound(D), BLOCK_D):
             ok = row_ok[:, None] & ((d0 + cols) < D)[None, :]
             x = tl.load(hidden_ptr + rows[:, None] * D + (d0 + cols)[None, :], mask=ok, other=0.0).to(tl.float32)
             squares += tl.sum(x * x, axis=1)
@@ -226,7 +228,7 @@ def _hista_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_scale_ptr
     # The scheduled group holding this item: the last g with item_base[g] <= item.
     lo = 0
     hi = num_sched_groups - 1
-    for _ in range(search_steps):
+    for _ in range(loop_bound(search_steps)):
         mid = (lo + hi + 1) // 2
         right = tl.load(schedule_ptr + mid * _SCHED_COLS + 2) <= item
         lo = tl.where(right, mid, lo)
@@ -276,7 +278,7 @@ def _hista_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_scale_ptr
     key_idx = tl.arange(0, BLOCK_N)
     # FLATTEN fuses this loop with the D loop into one software-pipelined loop (loads of the next key
     # tile overlap this tile's softmax), which needs a perfect loop nest: no tile skipping then.
-    for k0 in tl.range(k_lo, k_hi, BLOCK_N, flatten=FLATTEN):
+    for k0 in tl.range(loop_bound(k_lo), loop_bound(k_hi), BLOCK_N, flatten=FLATTEN):
         # Column vectors live in the accumulator's layout (a quarter of the columns per thread):
         # scalar tile bases + 32-bit offsets keep them from holding 64-bit pointers per element.
         col_ok = key_idx < (k_hi - k0)
@@ -302,7 +304,7 @@ def _hista_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_scale_ptr
                     k = k.to(tl.float32)
                 acc = tl.dot(q_resident, tl.trans(k), acc, input_precision=DOT_PRECISION)
             else:
-                for d0 in range(0, D, BLOCK_D):
+                for d0 in range(0, loop_bound(D), BLOCK_D):
                     if EVEN_D:
                         q = tl.load(q_ptrs + d0, mask=row_ok[:, None], other=0.0)
                         k = tl.load(k_ptrs + d0, mask=col_ok[:, None], other=0.0)
@@ -352,7 +354,7 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_a_ptr, values_ptr, lse_ptr, N, 
     l = tl.zeros((BLOCK,), tl.float32)
     a = tl.zeros((BLOCK,), tl.float32)
     m_ptrs, l_ptrs, a_ptrs = part_m_ptr + rows, part_l_ptr + rows, part_a_ptr + rows
-    for _ in range(num_splits):
+    for _ in range(loop_bound(num_splits)):
         m_s = tl.load(m_ptrs, mask=ok, other=_NEG_INF)
         l_s = tl.load(l_ptrs, mask=ok, other=0.0)
         a_s = tl.load(a_ptrs, mask=ok, other=0.0)

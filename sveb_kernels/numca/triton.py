@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_compat import loop_bound
 from . import vocab as _vocab
 from .vocab import BWD_DELTA, FWD_DELTA
 
@@ -162,7 +163,7 @@ def _spans_kernel(ids_ptr, mask_ptr, table_ptr, fdelta_ptr, bdelta_ptr, pow_ptr,
     # ---- pass 1: the backward state entering each chunk from the right -------------------------------
     carry_b = tl.zeros((), tl.int64)  # BWD_N: the end of the row
     tl.store(carry_ptr + row * n_chunks + n_chunks - 1, carry_b.to(tl.int32))
-    for cc in range(1, n_chunks):
+    for cc in range(1, loop_bound(n_chunks)):
         c = n_chunks - cc
         t = c * BLOCK_T + lane
         inside = t < T
@@ -180,7 +181,7 @@ def _spans_kernel(ids_ptr, mask_ptr, table_ptr, fdelta_ptr, bdelta_ptr, pow_ptr,
     # ---- pass 2 ---------------------------------------------------------------------------------------
     carry_f = tl.zeros((), tl.int64)  # FWD_O: the start of the row
     carry_start = tl.full((), -1, tl.int64)  # latest number start so far: token * 65536 + class
-    for c in range(0, n_chunks):
+    for c in range(0, loop_bound(n_chunks)):
         t = c * BLOCK_T + lane
         inside = t < T
         tid = tl.load(ids_row + t, mask=inside, other=0).to(tl.int64)
@@ -227,7 +228,7 @@ def _spans_kernel(ids_ptr, mask_ptr, table_ptr, fdelta_ptr, bdelta_ptr, pow_ptr,
         # backwards: the backward state at every class, 3 bits each, 16 to a word like the classes
         bstates = tl.zeros((BLOCK_T, WP), tl.int64)
         state = bout
-        for jj in range(0, steps):
+        for jj in range(0, loop_bound(steps)):
             j = steps - 1 - jj
             live = busy & (j < length)
             cls = ((_column(words, j // 16, cols) >> (4 * (j % 16))) & 15).to(tl.int32)
@@ -240,7 +241,7 @@ def _spans_kernel(ids_ptr, mask_ptr, table_ptr, fdelta_ptr, bdelta_ptr, pow_ptr,
         last_end = tl.full((BLOCK_T,), -1, tl.int32)
         start_before_end = tl.full((BLOCK_T,), -1, tl.int32)
         last_start = tl.full((BLOCK_T,), -1, tl.int32)
-        for j in range(0, steps):
+        for j in range(0, loop_bound(steps)):
             live = busy & (j < length)
             cls = ((_column(words, j // 16, cols) >> (4 * (j % 16))) & 15).to(tl.int32)
             after = tl.load(fdelta_ptr + fstate * 16 + cls, mask=live, other=0).to(tl.int32)
@@ -441,7 +442,7 @@ def _values_kernel(valid_ptr, mask_ptr, key_ptr, sorted_ptr, count_ptr, h1_ptr, 
     seen = tl.zeros((), tl.int32)  # numbers before this chunk
     carry_i = tl.full((), -1, tl.int32)
     carry_v = tl.zeros((), tl.float64)
-    for c in range(0, tl.cdiv(T, BLOCK_T)):
+    for c in range(0, loop_bound(tl.cdiv(T, BLOCK_T))):
         t = c * BLOCK_T + lane
         inside = t < T
         number = tl.load(valid_ptr + row * T + t, mask=inside, other=0) != 0
@@ -454,7 +455,7 @@ def _values_kernel(valid_ptr, mask_ptr, key_ptr, sorted_ptr, count_ptr, h1_ptr, 
             mine2 = tl.load(h2_ptr + at, mask=number, other=0)
         support = tl.zeros((BLOCK_T,), tl.int32)
         total = tl.zeros((BLOCK_T,), tl.float64)
-        for q in range(first_peer, last_peer):
+        for q in range(loop_bound(first_peer), loop_bound(last_peer)):
             peer = tl.load(order_ptr + q)
             if (loo == 0) | (peer != row):
                 n_peer = tl.load(count_ptr + peer)
