@@ -60,6 +60,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._triton_compat import loop_bound
+from .._versions import triton_version
 
 EPS = 1e-6
 LOG2E = 1.4426950408889634
@@ -100,12 +101,15 @@ def _stages_that_fit(smem_bytes: int, block_m: int, block_n: int, block_d: int, 
     return max(2, min(most, int(0.8 * smem_bytes) // per_stage))
 
 
-def config_for(major: int, smem_bytes: int, dtype: torch.dtype) -> HistaConfig:
-    """The config for a GPU of compute capability `major`.x with `smem_bytes` of shared memory per block.
+def config_for(major: int, smem_bytes: int, dtype: torch.dtype, *,
+               triton_release: Optional[tuple[int, int]] = None) -> HistaConfig:
+    """The config for a GPU of compute capability `major`.x with `smem_bytes` of shared memory per block,
+    compiled by Triton `triton_release` (major, minor; default: the installed one).
 
     Hopper/Blackwell (sm90+): 128x128 score tiles, 8 warps (two warpgroups of wgmma m64n128),
     BLOCK_D 64 for bf16; fp16 takes 64x128 tiles with one warpgroup (two CTAs per SM), because
-    ptxas spills the fp16 build of the 128x128 epilogue.
+    ptxas spills the fp16 build of the 128x128 epilogue. So does bf16's before Triton 3.8 (336 bytes
+    under 3.6, the oldest tested): there bf16 takes the fp16 tiles too.
     Ampere (sm8x): BLOCK_D 32 with deeper cp.async pipelines, as Triton's tuned A100 matmuls.
     fp32 inputs run 3xTF32 (see `_dot_precision`) on 128x64 tiles (128x128 spills).
     Chosen from the GEMM structure and the compiled kernels' register use (no spills, checked by
@@ -115,7 +119,7 @@ def config_for(major: int, smem_bytes: int, dtype: torch.dtype) -> HistaConfig:
     elem = 4 if dtype == torch.float32 else 2
     if dtype == torch.float32:
         cfg = HistaConfig(block_m=128, block_n=64, block_d=32, num_warps=8)
-    elif major >= 9 and dtype == torch.bfloat16:
+    elif major >= 9 and dtype == torch.bfloat16 and (triton_release or triton_version()) >= (3, 8):
         cfg = HistaConfig(block_m=128, block_n=128, block_d=64, num_warps=8)
     elif major >= 9:
         cfg = HistaConfig(block_m=64, block_n=128, block_d=64, num_warps=4)

@@ -465,10 +465,12 @@ def _values_kernel(valid_ptr, mask_ptr, key_ptr, sorted_ptr, count_ptr, h1_ptr, 
                     same &= tl.load(h1_ptr + at_peer, mask=same, other=0) == mine1
                     same &= tl.load(h2_ptr + at_peer, mask=same, other=0) == mine2
                 else:
-                    # binary search in the peer's sorted keys (its first n_peer entries)
+                    # binary search in the peer's sorted keys (its first n_peer entries); a rolled
+                    # loop: each probe waits for the last, so unrolling gains nothing, and the
+                    # unrolled search spilled registers under Triton 3.6
                     lo = tl.zeros((BLOCK_T,), tl.int32)
                     hi = tl.zeros((BLOCK_T,), tl.int32) + n_peer
-                    for _ in tl.static_range(SEARCH_STEPS):
+                    for _ in range(SEARCH_STEPS):
                         open_ = number & (lo < hi)
                         mid = (lo + hi) // 2
                         probe = tl.load(sorted_ptr + peer * T + mid, mask=open_, other=0)
