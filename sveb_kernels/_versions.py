@@ -30,6 +30,10 @@ def _label(tested: tuple[tuple[int, int], tuple[int, int]]) -> str:
     return f"{lo_major}.{lo_minor} to {hi_major}.{hi_minor}.x"
 
 
+def tested_ranges() -> str:
+    return f"torch {_label(TORCH_TESTED)}, triton {_label(TRITON_TESTED)}"
+
+
 def untested(name: str, version: Optional[str]) -> Optional[str]:
     """A warning if `version` of `name` ("torch" or "triton") lies outside the tested range, else None."""
     if version is None:
