@@ -29,6 +29,7 @@ from torch import Tensor
 from .._triton_compat import loop_bound
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+GPU_MAX_BLOCK_T = 2048  # positions per chunk on a GPU (8 warps)
 
 
 @triton.jit
@@ -86,7 +87,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
         mask = mask.view(torch.uint8)
     if block_t is None:
         # The interpreter scans element by element, padding included: short chunks waste less there.
-        block_t = min(triton.next_power_of_2(length), 512 if _INTERPRETED else 2048)
+        block_t = min(triton.next_power_of_2(length), 512 if _INTERPRETED else GPU_MAX_BLOCK_T)
     num_warps = 4 if block_t <= 1024 else 8
     gamma_hi = float(torch.tensor(gamma, dtype=torch.float32))  # gamma = gamma_hi + (gamma - gamma_hi)
     # Triton launches on the current CUDA device: make it the tensors' one.

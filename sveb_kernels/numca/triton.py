@@ -35,6 +35,7 @@ from . import vocab as _vocab
 from .vocab import BWD_DELTA, FWD_DELTA
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+GPU_MAX_BLOCK_T = 1024  # tokens per chunk on a GPU (8 warps)
 
 # Automaton states and classes (vocab.py), as compile-time constants.
 F_O = tl.constexpr(0)
@@ -407,7 +408,7 @@ def numeric_spans(token_ids: Tensor, table: Tensor, mask: Optional[Tensor], *, b
     has_mask = mask is not None
     mask_arg = mask.contiguous().view(torch.uint8) if has_mask else ids
     if block_t is None:
-        block_t = 64 if _INTERPRETED else min(1024, triton.next_power_of_2(length))
+        block_t = 64 if _INTERPRETED else min(GPU_MAX_BLOCK_T, triton.next_power_of_2(length))
     block_t = max(16, block_t)
     chunks = triton.cdiv(length, block_t)
     carries = torch.empty(batch, chunks, dtype=torch.int32, device=device)
@@ -533,7 +534,7 @@ def numca_values(end: Tensor, key: Tensor, returns: Tensor, group_index: Tensor,
     else:
         sorted_keys = torch.sort(torch.where(valid, key, torch.full_like(key, torch.iinfo(torch.int64).max)), 1).values
     if block_t is None:
-        block_t = 64 if _INTERPRETED else min(1024, triton.next_power_of_2(length))
+        block_t = 64 if _INTERPRETED else min(GPU_MAX_BLOCK_T, triton.next_power_of_2(length))
     _values_kernel[(batch,)](
         valid.view(torch.uint8), mask.to(torch.bool).contiguous().view(torch.uint8), key.contiguous(),
         sorted_keys.contiguous(), count, h1.contiguous(), h2.contiguous(), ret, order, lo, hi, baseline, out,
