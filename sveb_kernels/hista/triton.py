@@ -174,9 +174,9 @@ def compile_config(cfg: HistaConfig, dtype: torch.dtype, arch: int, d: int = 409
 
     pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
     constexprs = kernel_constexprs(cfg, dtype, d, cosine=True, has_k_add=True, direct=cfg.max_splits == 1)
-    return _triton_aot.compile_for(_hista_kernel, arch, dict(hidden_ptr=pointer, rollout_ptr="*i32", schedule_ptr="*i64"),
-                                   dict(empty_value="fp32"), constexprs, cfg.num_warps, cfg.num_stages,
-                                   multiples_of_16=("D",) if d % 16 == 0 else ())
+    pointers = dict(hidden_ptr=pointer, rollout_ptr="*i32", schedule_ptr="*i64")
+    return _triton_aot.compile_for(_hista_kernel, arch, pointers, dict(empty_value="fp32"), constexprs,
+                                   cfg.num_warps, cfg.num_stages, multiples_of_16=("D",) if d % 16 == 0 else ())
 
 
 def compiled_fit(cfg: HistaConfig, dtype: torch.dtype, arch: int, smem_bytes: int) -> tuple[bool, str]:

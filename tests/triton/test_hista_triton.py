@@ -200,7 +200,8 @@ def test_production_configs_match_oracle(seed, dtype):
     small groups (direct output, no split) at D = 80 (a partial last chunk). Under the interpreter
     16-bit operands are upcast before tl.dot (its bf16 dot is wrong); their products are exact in
     fp32 as on tensor cores, so the fp32 bound holds against the oracle of the same rounded inputs."""
-    batches = [make_batch([[400, 350, 170, 110]], 128, dtype=dtype), make_batch([[50, 30, 47], [9], [2, 1]], 80, dtype=dtype)]
+    batches = [make_batch([[400, 350, 170, 110]], 128, dtype=dtype),
+               make_batch([[50, 30, 47], [9], [2, 1]], 80, dtype=dtype)]
     for cfg in production_configs(dtype):
         assert (cfg.row_block, cfg.combine_block) == (32, 1024) and 1030 % cfg.block_m and 1030 % cfg.block_n
         for (hidden, returns, rollout_ids, offsets), splits in zip(batches, (2, 1)):
