@@ -16,13 +16,14 @@ import sys
 def _info(args: argparse.Namespace) -> int:
     import torch
 
-    from . import __version__, _backend
+    from . import __version__, _backend, _versions
     from ._build_info import built_against, load_extension
 
     print(f"sveb_kernels {__version__}")
     print(f"python       {platform.python_version()} ({sys.executable})")
     cuda = torch.version.cuda or "none (CPU-only build)"
     print(f"torch        {torch.__version__} (CUDA {cuda})")
+    warnings = [_versions.untested("torch", torch.__version__)]
     if torch.cuda.is_available():
         devices = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         print(f"GPU          {devices}")
@@ -30,6 +31,13 @@ def _info(args: argparse.Namespace) -> int:
         print("GPU          none visible")
     ok, triton_reason = _backend.triton_status()
     print(f"triton       {triton_reason}")
+    if ok:
+        import triton
+
+        warnings.append(_versions.untested("triton", triton.__version__))
+    print(f"tested       {_versions.tested_ranges()}")
+    for warning in filter(None, warnings):
+        print(f"WARNING      {warning}")
     info = built_against()
     if info:
         built = ", ".join(f"{k} {info[k]}" for k in ("torch", "torch_cuda", "nvcc", "archs") if k in info)

@@ -8,9 +8,6 @@ configs must use tensor cores and must not spill registers.
 """
 
 import os
-import pathlib
-import subprocess
-import tempfile
 from dataclasses import replace
 
 import pytest
@@ -20,11 +17,9 @@ triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="interpreted kernels are not compiled")
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from sveb_kernels import _triton_aot  # noqa: E402
 
-NVIDIA_BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-if not (NVIDIA_BIN / "ptxas").exists():
+if not (_triton_aot.NVIDIA_BIN / "ptxas").exists():
     pytest.skip("this triton has no bundled ptxas", allow_module_level=True)
 
 # Shared memory per block (opt-in) of the targets: A100 and H100.
@@ -33,29 +28,12 @@ POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp3
 
 
 def compile_kernel(fn, arch, pointer_types, scalar_types, constexprs, num_warps, num_stages=3, multiples_of_16=()):
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = pointer_types.get(name, "*fp32")
-        else:
-            signature[name] = scalar_types.get(name, "i32")
-    # what the launcher specialises on: 16-byte aligned pointers, integer arguments divisible by 16
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if name.endswith("_ptr") or name in multiples_of_16}
-    return triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    return _triton_aot.compile_for(fn, arch, pointer_types, scalar_types, constexprs, num_warps, num_stages,
+                                   multiples_of_16)
 
 
 def spilled_bytes(kernel):
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        out = subprocess.run([str(NVIDIA_BIN / "cuobjdump"), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
-    line = next(line for line in out.splitlines() if "REG:" in line)
-    return int(line.split("STACK:")[1].split()[0])
+    return _triton_aot.spilled_bytes(kernel)
 
 
 def compile_hista(arch, dtype, d=4096, rollout="*i32", ones=(), **variant):
@@ -133,3 +111,53 @@ def test_numca_kernels_compile_without_spills(arch):
                  baseline_ptr="*fp64", out_ptr="*fp32"),
             {}, dict(PREFIX=prefix, SEARCH_STEPS=12, BLOCK_T=1024), 8)
         assert spilled_bytes(kernel) == 0
+
+
+def _ptx_code(kernel):
+    """PTX instructions without debug sections, line markers and comments."""
+    ptx = kernel.asm["ptx"].split(".section\t.debug")[0]
+    lines = (" ".join(line.split("//")[0].split()) for line in ptx.splitlines())
+    return [line for line in lines if line and not line.startswith((".loc", ".file"))]
+
+
+def test_loop_bound_leaves_compiled_code_unchanged():
+    """`loop_bound` (the interpreter shim of sveb_kernels/_triton_compat.py) inlines to nothing."""
+    import triton.language as tl
+
+    from sveb_kernels._triton_compat import loop_bound
+
+    @triton.jit
+    def plain(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for i in range(0, n, BLOCK):
+            acc += tl.load(x_ptr + i + tl.arange(0, BLOCK))
+        tl.store(out_ptr + tl.arange(0, BLOCK), acc)
+
+    @triton.jit
+    def shimmed(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for i in range(0, loop_bound(n), BLOCK):
+            acc += tl.load(x_ptr + i + tl.arange(0, BLOCK))
+        tl.store(out_ptr + tl.arange(0, BLOCK), acc)
+
+    compiled = [_ptx_code(compile_kernel(fn, 90, {}, {}, dict(BLOCK=128), 4)) for fn in (plain, shimmed)]
+    assert compiled[0] == [line.replace("shimmed", "plain") for line in compiled[1]]
+
+
+@pytest.mark.slow  # ~110 kernels compiled (minutes on 2 cores; Triton's cache makes reruns fast)
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_sweep_offers_only_configs_that_fit_compiled(arch, dtype):
+    """The sweep's candidates are filtered on the compiled kernel: shared memory within the block's
+    opt-in limit and no register spills (128x256x64 fp32 needs 196,608 B, more than an A100 has)."""
+    from sveb_kernels.hista import triton as ht
+
+    candidates = ht.candidate_configs_for(arch // 10, SMEM[arch], dtype)
+    offered = ht.fitting_candidates(arch // 10, arch % 10, SMEM[arch], dtype)
+    assert offered[0] == candidates[0] == ht.config_for(arch // 10, SMEM[arch], dtype)
+    assert len(offered) > 1 and all(cfg in candidates for cfg in offered)
+    for cfg in candidates:
+        kernel = ht.compile_config(cfg, dtype, arch)
+        fits = kernel.metadata.shared <= SMEM[arch] and spilled_bytes(kernel) == 0
+        assert (cfg in offered) == fits, (cfg, kernel.metadata.shared, spilled_bytes(kernel))
+    assert not any((c.block_m, c.block_n, c.block_d) == (128, 256, 64) for c in offered if dtype == torch.float32)

@@ -26,7 +26,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_compat import loop_bound
+
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+GPU_MAX_BLOCK_T = 2048  # positions per chunk on a GPU (8 warps)
 
 
 @triton.jit
@@ -44,7 +47,7 @@ def _gae_kernel(rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr, T, gamma_hi
     is_last = back == BLOCK_T - 1
     next_value = tl.zeros((), tl.float32)  # nextv entering the chunk from later positions
     carry = tl.zeros((), tl.float32)  # advantage entering the chunk from later positions
-    for c in range(0, tl.cdiv(T, BLOCK_T)):
+    for c in range(0, loop_bound(tl.cdiv(T, BLOCK_T))):
         t = (T - 1 - c * BLOCK_T) - back  # positions of this chunk, latest first
         inside = t >= 0
         r = tl.load(r_row + t, mask=inside, other=0.0).to(tl.float64)
@@ -84,7 +87,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
         mask = mask.view(torch.uint8)
     if block_t is None:
         # The interpreter scans element by element, padding included: short chunks waste less there.
-        block_t = min(triton.next_power_of_2(length), 512 if _INTERPRETED else 2048)
+        block_t = min(triton.next_power_of_2(length), 512 if _INTERPRETED else GPU_MAX_BLOCK_T)
     num_warps = 4 if block_t <= 1024 else 8
     gamma_hi = float(torch.tensor(gamma, dtype=torch.float32))  # gamma = gamma_hi + (gamma - gamma_hi)
     # Triton launches on the current CUDA device: make it the tensors' one.

@@ -59,6 +59,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_compat import loop_bound
+from .._versions import triton_version
+
 EPS = 1e-6
 LOG2E = 1.4426950408889634
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -84,12 +87,14 @@ class HistaConfig:
     max_splits: int = 16  # and into at most this many parts
     skip_empty_tiles: bool = True  # skip the GEMM of a score tile whose keys are all unusable
     flatten: bool = False  # one pipelined loop over (key tile, D chunk); excludes skip_empty_tiles
+    row_block: int = 32  # tokens per program of the per-token terms kernel
+    combine_block: int = 1024  # tokens per program of the split-merging kernel
 
 
 # Under the interpreter the blocks only need to be small and few (numpy runs each op); splits are
 # made small so that tests exercise them.
 INTERPRETER_CONFIG = HistaConfig(block_m=32, block_n=32, block_d=32, num_warps=4, num_stages=1,
-                                 group_q=2, min_split_keys=64, max_splits=4)
+                                 group_q=2, min_split_keys=64, max_splits=4, row_block=16, combine_block=256)
 
 
 def _stages_that_fit(smem_bytes: int, block_m: int, block_n: int, block_d: int, elem: int, most: int) -> int:
@@ -98,12 +103,15 @@ def _stages_that_fit(smem_bytes: int, block_m: int, block_n: int, block_d: int, 
     return max(2, min(most, int(0.8 * smem_bytes) // per_stage))
 
 
-def config_for(major: int, smem_bytes: int, dtype: torch.dtype) -> HistaConfig:
-    """The config for a GPU of compute capability `major`.x with `smem_bytes` of shared memory per block.
+def config_for(major: int, smem_bytes: int, dtype: torch.dtype, *,
+               triton_release: Optional[tuple[int, int]] = None) -> HistaConfig:
+    """The config for a GPU of compute capability `major`.x with `smem_bytes` of shared memory per block,
+    compiled by Triton `triton_release` (major, minor; default: the installed one).
 
     Hopper/Blackwell (sm90+): 128x128 score tiles, 8 warps (two warpgroups of wgmma m64n128),
     BLOCK_D 64 for bf16; fp16 takes 64x128 tiles with one warpgroup (two CTAs per SM), because
-    ptxas spills the fp16 build of the 128x128 epilogue.
+    ptxas spills the fp16 build of the 128x128 epilogue. So does bf16's before Triton 3.8 (336 bytes
+    under 3.6, the oldest tested): there bf16 takes the fp16 tiles too.
     Ampere (sm8x): BLOCK_D 32 with deeper cp.async pipelines, as Triton's tuned A100 matmuls.
     fp32 inputs run 3xTF32 (see `_dot_precision`) on 128x64 tiles (128x128 spills).
     Chosen from the GEMM structure and the compiled kernels' register use (no spills, checked by
@@ -113,7 +121,7 @@ def config_for(major: int, smem_bytes: int, dtype: torch.dtype) -> HistaConfig:
     elem = 4 if dtype == torch.float32 else 2
     if dtype == torch.float32:
         cfg = HistaConfig(block_m=128, block_n=64, block_d=32, num_warps=8)
-    elif major >= 9 and dtype == torch.bfloat16:
+    elif major >= 9 and dtype == torch.bfloat16 and (triton_release or triton_version()) >= (3, 8):
         cfg = HistaConfig(block_m=128, block_n=128, block_d=64, num_warps=8)
     elif major >= 9:
         cfg = HistaConfig(block_m=64, block_n=128, block_d=64, num_warps=4)
@@ -133,20 +141,21 @@ def pick_config(device: torch.device, dtype: torch.dtype) -> HistaConfig:
     return config_for(props.major, smem, dtype)
 
 
-def candidate_configs(device: torch.device, dtype: torch.dtype) -> list[HistaConfig]:
-    """Configs worth timing on this GPU (for the benchmark's --sweep), the picked one first."""
-    base = pick_config(device, dtype)
-    if _INTERPRETED or device.type != "cuda":
-        return [base]
-    props = torch.cuda.get_device_properties(device)
-    smem = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
+def candidate_configs_for(major: int, smem_bytes: int, dtype: torch.dtype, *,
+                          triton_release: Optional[tuple[int, int]] = None) -> list[HistaConfig]:
+    """Configs worth timing on a GPU of compute capability `major`.x, the tuned one first, before the
+    compiled-resource filter of `fitting_candidates`: tile shapes whose operand pipeline fits shared
+    memory with at least 2 stages, and schedule variants of the tuned config."""
+    base = config_for(major, smem_bytes, dtype, triton_release=triton_release)
     elem = 4 if dtype == torch.float32 else 2
     shapes = [(128, 128, 64, 8), (128, 128, 32, 8), (128, 64, 64, 8), (128, 64, 32, 4), (64, 128, 64, 4),
               (64, 64, 64, 4), (128, 256, 64, 8)]
     out = [base]
     for bm, bn, bd, warps in shapes:
+        if 2 * (bm + bn) * bd * elem > smem_bytes:  # e.g. 128x256x64 fp32: 196,608 B > A100's 166,912
+            continue
         for most in (3, 4):
-            stages = _stages_that_fit(smem, bm, bn, bd, elem, most)
+            stages = _stages_that_fit(smem_bytes, bm, bn, bd, elem, most)
             cfg = replace(base, block_m=bm, block_n=bn, block_d=bd, num_warps=warps, num_stages=stages)
             if cfg not in out:
                 out.append(cfg)
@@ -156,6 +165,51 @@ def candidate_configs(device: torch.device, dtype: torch.dtype) -> list[HistaCon
         if variant not in out:
             out.append(variant)
     return out
+
+
+def compile_config(cfg: HistaConfig, dtype: torch.dtype, arch: int, d: int = 4096):
+    """`_hista_kernel` as `cfg` launches it for the sweep's case (cosine, key bias, hidden size `d`),
+    compiled ahead of time for sm`arch` (no GPU needed)."""
+    from .. import _triton_aot
+
+    pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+    constexprs = kernel_constexprs(cfg, dtype, d, cosine=True, has_k_add=True, direct=cfg.max_splits == 1)
+    pointers = dict(hidden_ptr=pointer, rollout_ptr="*i32", schedule_ptr="*i64")
+    return _triton_aot.compile_for(_hista_kernel, arch, pointers, dict(empty_value="fp32"), constexprs,
+                                   cfg.num_warps, cfg.num_stages, multiples_of_16=("D",) if d % 16 == 0 else ())
+
+
+def compiled_fit(cfg: HistaConfig, dtype: torch.dtype, arch: int, smem_bytes: int) -> tuple[bool, str]:
+    """(whether `cfg` compiled for sm`arch` fits `smem_bytes` of shared memory without spilling, why not)."""
+    from .. import _triton_aot
+
+    try:
+        kernel = compile_config(cfg, dtype, arch)
+    except Exception as e:  # Triton raises its own resource errors for some shapes at compile time
+        return False, f"does not compile: {type(e).__name__}: {e}"
+    shared, spilled = _triton_aot.shared_bytes(kernel), _triton_aot.spilled_bytes(kernel)
+    if shared > smem_bytes:
+        return False, f"needs {shared} B of shared memory, more than the {smem_bytes} B a block may have"
+    if spilled:
+        return False, f"spills {spilled} B of registers"
+    return True, ""
+
+
+def fitting_candidates(major: int, minor: int, smem_bytes: int, dtype: torch.dtype) -> list[HistaConfig]:
+    """`candidate_configs_for`, less the configs whose compiled kernel exceeds shared memory or spills
+    (compiled ahead of time with the installed Triton: seconds per config). The tuned config stays first."""
+    configs = candidate_configs_for(major, smem_bytes, dtype)
+    return configs[:1] + [cfg for cfg in configs[1:] if compiled_fit(cfg, dtype, 10 * major + minor, smem_bytes)[0]]
+
+
+def candidate_configs(device: torch.device, dtype: torch.dtype) -> list[HistaConfig]:
+    """Configs worth timing on this GPU (for the benchmark's --sweep), the picked one first."""
+    base = pick_config(device, dtype)
+    if _INTERPRETED or device.type != "cuda":
+        return [base]
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
+    return fitting_candidates(props.major, props.minor, smem, dtype)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -174,7 +228,7 @@ def _row_terms_kernel(hidden_ptr, key_mask_ptr, key_bias_ptr, q_scale_ptr, k_sca
     if COSINE:
         cols = tl.arange(0, BLOCK_D)
         squares = tl.zeros((BLOCK_R,), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in range(0, loop_bound(D), BLOCK_D):
             ok = row_ok[:, None] & ((d0 + cols) < D)[None, :]
             x = tl.load(hidden_ptr + rows[:, None] * D + (d0 + cols)[None, :], mask=ok, other=0.0).to(tl.float32)
             squares += tl.sum(x * x, axis=1)
@@ -226,7 +280,7 @@ def _hista_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_scale_ptr
     # The scheduled group holding this item: the last g with item_base[g] <= item.
     lo = 0
     hi = num_sched_groups - 1
-    for _ in range(search_steps):
+    for _ in range(loop_bound(search_steps)):
         mid = (lo + hi + 1) // 2
         right = tl.load(schedule_ptr + mid * _SCHED_COLS + 2) <= item
         lo = tl.where(right, mid, lo)
@@ -276,7 +330,7 @@ def _hista_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_scale_ptr
     key_idx = tl.arange(0, BLOCK_N)
     # FLATTEN fuses this loop with the D loop into one software-pipelined loop (loads of the next key
     # tile overlap this tile's softmax), which needs a perfect loop nest: no tile skipping then.
-    for k0 in tl.range(k_lo, k_hi, BLOCK_N, flatten=FLATTEN):
+    for k0 in tl.range(loop_bound(k_lo), loop_bound(k_hi), BLOCK_N, flatten=FLATTEN):
         # Column vectors live in the accumulator's layout (a quarter of the columns per thread):
         # scalar tile bases + 32-bit offsets keep them from holding 64-bit pointers per element.
         col_ok = key_idx < (k_hi - k0)
@@ -302,7 +356,7 @@ def _hista_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_scale_ptr
                     k = k.to(tl.float32)
                 acc = tl.dot(q_resident, tl.trans(k), acc, input_precision=DOT_PRECISION)
             else:
-                for d0 in range(0, D, BLOCK_D):
+                for d0 in range(0, loop_bound(D), BLOCK_D):
                     if EVEN_D:
                         q = tl.load(q_ptrs + d0, mask=row_ok[:, None], other=0.0)
                         k = tl.load(k_ptrs + d0, mask=col_ok[:, None], other=0.0)
@@ -352,7 +406,7 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_a_ptr, values_ptr, lse_ptr, N, 
     l = tl.zeros((BLOCK,), tl.float32)
     a = tl.zeros((BLOCK,), tl.float32)
     m_ptrs, l_ptrs, a_ptrs = part_m_ptr + rows, part_l_ptr + rows, part_a_ptr + rows
-    for _ in range(num_splits):
+    for _ in range(loop_bound(num_splits)):
         m_s = tl.load(m_ptrs, mask=ok, other=_NEG_INF)
         l_s = tl.load(l_ptrs, mask=ok, other=0.0)
         a_s = tl.load(a_ptrs, mask=ok, other=0.0)
@@ -439,7 +493,7 @@ def _launch(hidden, returns, rollout_ids, group_offsets, temperature, similarity
     k_add = torch.empty(n, dtype=torch.float32, device=device) if has_k_add else q_scale
     mask_arg = key_mask.contiguous().view(torch.uint8) if key_mask is not None else q_scale
     bias_arg = key_bias.contiguous() if key_bias is not None else q_scale
-    block_r = 16 if _INTERPRETED else 32
+    block_r = cfg.row_block
     _row_terms_kernel[(triton.cdiv(n, block_r),)](
         hidden, mask_arg, bias_arg, q_scale, k_scale, k_add, n, d, LOG2E / temperature, EPS,
         COSINE=cosine, HAS_MASK=key_mask is not None, HAS_BIAS=key_bias is not None,
@@ -464,7 +518,7 @@ def _launch(hidden, returns, rollout_ids, group_offsets, temperature, similarity
         **kernel_constexprs(cfg, hidden.dtype, d, cosine=cosine, has_k_add=has_k_add, direct=direct),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if not direct:
-        block = 256 if _INTERPRETED else 1024
+        block = cfg.combine_block
         _combine_kernel[(triton.cdiv(n, block),)](part_m, part_l, part_a, values, lse, n, max_splits,
                                                   float(empty_value), BLOCK=block, num_warps=4)
     return values, lse

@@ -30,10 +30,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_compat import loop_bound
 from . import vocab as _vocab
 from .vocab import BWD_DELTA, FWD_DELTA
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+GPU_MAX_BLOCK_T = 1024  # tokens per chunk on a GPU (8 warps)
 
 # Automaton states and classes (vocab.py), as compile-time constants.
 F_O = tl.constexpr(0)
@@ -162,7 +164,7 @@ def _spans_kernel(ids_ptr, mask_ptr, table_ptr, fdelta_ptr, bdelta_ptr, pow_ptr,
     # ---- pass 1: the backward state entering each chunk from the right -------------------------------
     carry_b = tl.zeros((), tl.int64)  # BWD_N: the end of the row
     tl.store(carry_ptr + row * n_chunks + n_chunks - 1, carry_b.to(tl.int32))
-    for cc in range(1, n_chunks):
+    for cc in range(1, loop_bound(n_chunks)):
         c = n_chunks - cc
         t = c * BLOCK_T + lane
         inside = t < T
@@ -180,7 +182,7 @@ def _spans_kernel(ids_ptr, mask_ptr, table_ptr, fdelta_ptr, bdelta_ptr, pow_ptr,
     # ---- pass 2 ---------------------------------------------------------------------------------------
     carry_f = tl.zeros((), tl.int64)  # FWD_O: the start of the row
     carry_start = tl.full((), -1, tl.int64)  # latest number start so far: token * 65536 + class
-    for c in range(0, n_chunks):
+    for c in range(0, loop_bound(n_chunks)):
         t = c * BLOCK_T + lane
         inside = t < T
         tid = tl.load(ids_row + t, mask=inside, other=0).to(tl.int64)
@@ -227,7 +229,7 @@ def _spans_kernel(ids_ptr, mask_ptr, table_ptr, fdelta_ptr, bdelta_ptr, pow_ptr,
         # backwards: the backward state at every class, 3 bits each, 16 to a word like the classes
         bstates = tl.zeros((BLOCK_T, WP), tl.int64)
         state = bout
-        for jj in range(0, steps):
+        for jj in range(0, loop_bound(steps)):
             j = steps - 1 - jj
             live = busy & (j < length)
             cls = ((_column(words, j // 16, cols) >> (4 * (j % 16))) & 15).to(tl.int32)
@@ -240,7 +242,7 @@ def _spans_kernel(ids_ptr, mask_ptr, table_ptr, fdelta_ptr, bdelta_ptr, pow_ptr,
         last_end = tl.full((BLOCK_T,), -1, tl.int32)
         start_before_end = tl.full((BLOCK_T,), -1, tl.int32)
         last_start = tl.full((BLOCK_T,), -1, tl.int32)
-        for j in range(0, steps):
+        for j in range(0, loop_bound(steps)):
             live = busy & (j < length)
             cls = ((_column(words, j // 16, cols) >> (4 * (j % 16))) & 15).to(tl.int32)
             after = tl.load(fdelta_ptr + fstate * 16 + cls, mask=live, other=0).to(tl.int32)
@@ -406,7 +408,7 @@ def numeric_spans(token_ids: Tensor, table: Tensor, mask: Optional[Tensor], *, b
     has_mask = mask is not None
     mask_arg = mask.contiguous().view(torch.uint8) if has_mask else ids
     if block_t is None:
-        block_t = 64 if _INTERPRETED else min(1024, triton.next_power_of_2(length))
+        block_t = 64 if _INTERPRETED else min(GPU_MAX_BLOCK_T, triton.next_power_of_2(length))
     block_t = max(16, block_t)
     chunks = triton.cdiv(length, block_t)
     carries = torch.empty(batch, chunks, dtype=torch.int32, device=device)
@@ -441,7 +443,7 @@ def _values_kernel(valid_ptr, mask_ptr, key_ptr, sorted_ptr, count_ptr, h1_ptr, 
     seen = tl.zeros((), tl.int32)  # numbers before this chunk
     carry_i = tl.full((), -1, tl.int32)
     carry_v = tl.zeros((), tl.float64)
-    for c in range(0, tl.cdiv(T, BLOCK_T)):
+    for c in range(0, loop_bound(tl.cdiv(T, BLOCK_T))):
         t = c * BLOCK_T + lane
         inside = t < T
         number = tl.load(valid_ptr + row * T + t, mask=inside, other=0) != 0
@@ -454,7 +456,7 @@ def _values_kernel(valid_ptr, mask_ptr, key_ptr, sorted_ptr, count_ptr, h1_ptr, 
             mine2 = tl.load(h2_ptr + at, mask=number, other=0)
         support = tl.zeros((BLOCK_T,), tl.int32)
         total = tl.zeros((BLOCK_T,), tl.float64)
-        for q in range(first_peer, last_peer):
+        for q in range(loop_bound(first_peer), loop_bound(last_peer)):
             peer = tl.load(order_ptr + q)
             if (loo == 0) | (peer != row):
                 n_peer = tl.load(count_ptr + peer)
@@ -464,10 +466,12 @@ def _values_kernel(valid_ptr, mask_ptr, key_ptr, sorted_ptr, count_ptr, h1_ptr, 
                     same &= tl.load(h1_ptr + at_peer, mask=same, other=0) == mine1
                     same &= tl.load(h2_ptr + at_peer, mask=same, other=0) == mine2
                 else:
-                    # binary search in the peer's sorted keys (its first n_peer entries)
+                    # binary search in the peer's sorted keys (its first n_peer entries); a rolled
+                    # loop: each probe waits for the last, so unrolling gains nothing, and the
+                    # unrolled search spilled registers under Triton 3.6
                     lo = tl.zeros((BLOCK_T,), tl.int32)
                     hi = tl.zeros((BLOCK_T,), tl.int32) + n_peer
-                    for _ in tl.static_range(SEARCH_STEPS):
+                    for _ in range(SEARCH_STEPS):
                         open_ = number & (lo < hi)
                         mid = (lo + hi) // 2
                         probe = tl.load(sorted_ptr + peer * T + mid, mask=open_, other=0)
@@ -530,7 +534,7 @@ def numca_values(end: Tensor, key: Tensor, returns: Tensor, group_index: Tensor,
     else:
         sorted_keys = torch.sort(torch.where(valid, key, torch.full_like(key, torch.iinfo(torch.int64).max)), 1).values
     if block_t is None:
-        block_t = 64 if _INTERPRETED else min(1024, triton.next_power_of_2(length))
+        block_t = 64 if _INTERPRETED else min(GPU_MAX_BLOCK_T, triton.next_power_of_2(length))
     _values_kernel[(batch,)](
         valid.view(torch.uint8), mask.to(torch.bool).contiguous().view(torch.uint8), key.contiguous(),
         sorted_keys.contiguous(), count, h1.contiguous(), h2.contiguous(), ret, order, lo, hi, baseline, out,

@@ -135,3 +135,13 @@ def test_large_values_small_advantages(seed, offset):
         bound = 1e-5 * (1 + float(want_adv.abs().max())) * math.log2(length + 1)
         assert (adv.double() - want_adv).abs().max() <= bound
         assert (ret.double() - want_ret).abs().max() <= bound + 1e-7 * float(want_ret.abs().max())
+
+
+def test_gpu_block_size_under_interpreter(seed):
+    """The chunk a GPU uses (2048 positions) on rows of 2500: a full chunk and a partial one, state
+    carried across their border."""
+    from sveb_kernels.gae import triton as gae_triton
+
+    rewards, values = torch.randn(2, 2500), torch.randn(2, 2500)
+    mask = torch.rand(2, 2500) > 0.1
+    check(rewards, values, mask, 0.99, 0.95, block_t=gae_triton.GPU_MAX_BLOCK_T)

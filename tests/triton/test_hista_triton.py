@@ -175,6 +175,42 @@ def test_opcheck_triton_backend(seed):
 # GPU: real sizes, against a float64 truth computed densely one group at a time on the GPU.
 
 
+# Opt-in shared memory per block of the GPUs the configs are tuned for: A100, H100.
+PRODUCTION_SMEM = {80: 166912, 90: 232448}
+
+
+def production_configs(dtype):
+    """`config_for` on A100 and H100 as either end of the tested Triton range picks it (deduplicated)."""
+    from sveb_kernels import _versions
+
+    configs = []
+    for arch, smem in PRODUCTION_SMEM.items():
+        for release in _versions.TRITON_TESTED:
+            cfg = kernels().config_for(arch // 10, smem, dtype, triton_release=release)
+            if cfg not in configs:
+                configs.append(cfg)
+    return configs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_production_configs_match_oracle(seed, dtype):
+    """Every config a GPU launches, with the per-token and merge kernels at their real block sizes,
+    on batches that exercise them: a 1030-token group (two key splits of >= 1024 keys, a partial last
+    query tile, own-rollout tiles skipped, partial key tiles) at D = 128 (whole BLOCK_D chunks), and
+    small groups (direct output, no split) at D = 80 (a partial last chunk). Under the interpreter
+    16-bit operands are upcast before tl.dot (its bf16 dot is wrong); their products are exact in
+    fp32 as on tensor cores, so the fp32 bound holds against the oracle of the same rounded inputs."""
+    batches = [make_batch([[400, 350, 170, 110]], 128, dtype=dtype),
+               make_batch([[50, 30, 47], [9], [2, 1]], 80, dtype=dtype)]
+    for cfg in production_configs(dtype):
+        assert (cfg.row_block, cfg.combine_block) == (32, 1024) and 1030 % cfg.block_m and 1030 % cfg.block_n
+        for (hidden, returns, rollout_ids, offsets), splits in zip(batches, (2, 1)):
+            assert kernels().build_schedule(offsets, cfg)[2] == splits
+            kw = dict(temperature=0.2, key_bias=torch.randn(hidden.shape[0]))
+            out = run(hidden, returns, rollout_ids, offsets, config=cfg, **kw)
+            assert_close_fp32(out, hidden, returns, rollout_ids, offsets, **kw)
+
+
 def dense_truth(hidden, returns, rollout_ids, offsets, temperature, similarity="cosine"):
     h = hidden.double()
     if similarity == "cosine":

@@ -91,6 +91,28 @@ def random_spans(batch, length, keys=3, density=0.3):
     return NumericSpans(end, key, None, None)
 
 
+def test_kernels_at_their_gpu_block_size(seed):
+    """Both kernels with the chunk a GPU uses (1024 tokens) on rows of 1100: a full chunk and a
+    partial one, numbers and milestones carried across their border."""
+    from sveb_kernels.numca import triton as numca_triton
+    from test_numca_spans import MIXED, dense_random_ids, mixed_decode
+
+    block, length = numca_triton.GPU_MAX_BLOCK_T, 1100
+    ids = dense_random_ids(random.Random(seed), 1, length)
+    mask = torch.rand(ids.shape) > 0.05
+    assert_spans_equal(triton_spans(ids, MIXED, mask, block_t=block),
+                       numeric_spans_oracle(mixed_decode, ids, set(), mask), ids)
+    spans = random_spans(4, length, density=0.05)
+    groups, returns, mask = torch.tensor([1, 1, 1, 2]), torch.randn(4), torch.rand(4, length) > 0.1
+    for match in ("last", "prefix"):
+        out = numca_triton.numca_values(spans.end.to(DEVICE), spans.key.to(DEVICE), returns.to(DEVICE),
+                                        groups.to(DEVICE), mask.to(DEVICE), match, True, 1, 0.5, block_t=block)
+        want = numca_values_oracle(spans.end, spans.key, returns, groups, mask, match=match, leave_one_out=True,
+                                   min_support=1, empty_value=0.5)
+        want = torch.tensor(want, dtype=torch.float64).reshape(4, length)
+        torch.testing.assert_close(out.cpu().double(), want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("match", ["last", "prefix"])
 def test_values_match_oracle(seed, match):
     for leave_one_out, min_support, block_t in ((True, 1, None), (False, 2, 16)):
