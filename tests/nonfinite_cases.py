@@ -1,0 +1,123 @@
+"""Non-finite inputs for every backend's tests (docs/DESIGN.md, "GPU readiness: NaN and inf").
+
+docs/CONTRACT.md "Common rules": without validation, the outputs that *depend on* a NaN/inf input
+are non-finite (NaN for a NaN input), never a plausible number; all other outputs are unchanged.
+"Depends on" is read off the formulas, written here independently of any backend:
+
+- Hista (§1): values[i] depends on hidden[i] (only when K(i) is non-empty: an empty K(i) gives
+  empty_value whatever the inputs) and, for every key j in K(i), on hidden[j], key_bias[j] and
+  returns[j]; lse[i] on the same minus the returns. Keys outside K(i) (other groups, i's own
+  rollout, key_mask False) never matter, whatever they hold.
+- Numca (§2c): values[b, t] depends on returns[b'] for every b' in the support set S whose mean it
+  takes, or in peers(b) when it takes their mean; masked tokens are 0 whatever the returns.
+- GAE (§3): adv[b, t] and returns[b, t] depend on rewards and values of row b at positions >= t
+  (masked ones included: the trainers' loop multiplies them by 0, and 0 * NaN is NaN).
+
+The helpers build a clean case, poison some entries, and give the set of outputs that must be
+non-finite; every other output must equal the oracle on the clean inputs.
+"""
+
+import math
+
+import torch
+
+from oracles import hista_oracle
+from test_hista import make_batch, random_groups
+
+POISONS = (float("nan"), float("inf"), float("-inf"))
+
+
+def hista_key_sets(rollout_ids, offsets, key_mask=None):
+    """K as a dense [N, N] bool matrix (tests only: small N)."""
+    n = rollout_ids.numel()
+    group = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
+    keys = (group[:, None] == group[None, :]) & (rollout_ids[:, None] != rollout_ids[None, :])
+    if key_mask is not None:
+        keys &= key_mask[None, :]
+    return keys.reshape(n, n)
+
+
+def hista_poison_case(poison, *, d=19, with_mask=True):
+    """A random batch with one poisoned hidden state (a key that is in some K(i)), one poisoned
+    hidden state of a masked-out key (must change nothing), one poisoned return and one poisoned
+    key_bias entry. Returns (clean kwargs, poisoned kwargs, must-be-non-finite masks for values and lse).
+    """
+    while True:
+        groups = random_groups(num_groups=4, max_rollouts=4, max_len=9) + [[5], []]
+        if sum(len(g) > 1 for g in groups) >= 2:
+            break
+    hidden, returns, rollout_ids, offsets = make_batch(groups, d)
+    n = hidden.shape[0]
+    key_mask = torch.rand(n) > 0.2 if with_mask else torch.ones(n, dtype=torch.bool)
+    key_bias = torch.randn(n) * 0.5
+    keys = hista_key_sets(rollout_ids, offsets, key_mask)
+    in_some_k = keys.any(dim=0).nonzero().flatten()
+    picks = in_some_k[torch.randperm(in_some_k.numel())]
+    bad_hidden, bad_return = int(picks[0]), int(picks[-1])
+    bad_bias = int(picks[len(picks) // 2])
+    clean = dict(hidden=hidden, returns=returns, rollout_ids=rollout_ids, group_offsets=offsets,
+                 key_mask=key_mask, key_bias=key_bias, temperature=0.2)
+    hidden_p, returns_p, bias_p = hidden.clone(), returns.clone(), key_bias.clone()
+    hidden_p[bad_hidden, int(torch.randint(d, ()))] = poison
+    returns_p[bad_return] = poison
+    # -inf is a legitimate key_bias (a zero weight), so the bias is poisoned with NaN only.
+    bias_p[bad_bias] = float("nan")
+    masked = (~key_mask).nonzero().flatten()
+    if masked.numel():  # a masked key is in no K(i): its hidden state must not matter
+        hidden_p[int(masked[0])] = float("nan")
+        clean_masked_ok = not keys[int(masked[0])].any()  # its own row depends on it when it has keys
+    poisoned = dict(clean, hidden=hidden_p, returns=returns_p, key_bias=bias_p)
+    bad_lse = keys[:, bad_hidden] | keys[:, bad_bias]
+    bad_lse[bad_hidden] |= keys[bad_hidden].any()
+    if masked.numel() and not clean_masked_ok:
+        bad_lse[int(masked[0])] = True
+    bad_values = bad_lse | keys[:, bad_return]
+    return clean, poisoned, bad_values, bad_lse
+
+
+def check_hista_nonfinite(out, clean, bad_values, bad_lse, poison):
+    """Outputs in the bad sets are non-finite (NaN for a NaN poison); the rest match the clean oracle."""
+    values, lse = out.values.cpu(), out.lse.cpu()
+    assert bad_values.any()
+    assert not torch.isfinite(values[bad_values]).any(), values[bad_values]
+    assert not torch.isfinite(lse[bad_lse]).any() and not (lse[bad_lse] == -math.inf).any(), lse[bad_lse]
+    if math.isnan(poison):
+        assert torch.isnan(values[bad_values]).all()
+    want_values, want_lse = hista_oracle(**clean)
+    good = ~bad_values
+    bound = 1e-4 * float(clean["returns"].abs().max())
+    assert (values[good].double() - want_values[good]).abs().max() <= bound
+    good_lse = ~bad_lse
+    assert torch.equal(torch.isfinite(lse[good_lse]), torch.isfinite(want_lse[good_lse]))
+    finite = good_lse & torch.isfinite(want_lse)
+    if finite.any():
+        err = (lse[finite].double() - want_lse[finite]).abs() / want_lse[finite].abs().clamp_min(1.0)
+        assert err.max() <= 1e-5
+
+
+def gae_poison_case(poison, batch=4, length=23):
+    """Random rewards/values/mask with one poisoned reward and one poisoned value (possibly at masked
+    positions). Returns (clean tensors, poisoned tensors, must-be-non-finite mask)."""
+    rewards, values = torch.randn(batch, length), torch.randn(batch, length)
+    mask = torch.rand(batch, length) > 0.3
+    r_p, v_p = rewards.clone(), values.clone()
+    bad = torch.zeros(batch, length, dtype=torch.bool)
+    for tensor in (r_p, v_p):
+        b, t = int(torch.randint(batch, ())), int(torch.randint(length, ()))
+        tensor[b, t] = poison
+        bad[b, : t + 1] = True
+    return (rewards, values, mask), (r_p, v_p, mask), bad
+
+
+def check_gae_nonfinite(out, clean, bad, gamma, lam, poison):
+    from oracles import gae_oracle
+
+    adv, ret = (x.cpu() for x in out)
+    assert not torch.isfinite(adv[bad]).any() and not torch.isfinite(ret[bad]).any()
+    if math.isnan(poison):
+        assert torch.isnan(adv[bad]).all()
+    want_adv, want_ret = gae_oracle(*clean, gamma, lam)
+    length = clean[0].shape[1]
+    bound = 1e-5 * (1 + float(want_adv.abs().max())) * math.log2(length + 1)
+    assert (adv[~bad].double() - want_adv[~bad]).abs().max() <= bound
+    assert (ret[~bad].double() - want_ret[~bad]).abs().max() <= bound * 4
