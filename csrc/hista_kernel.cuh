@@ -105,16 +105,21 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // Online-softmax merge of (m, l, a) with (m2, l2, a2); m = -inf is the empty state.
 __device__ __forceinline__ void merge_state(float& m, float& l, float& a, float m2, float l2, float a2) {
   const float top = fmaxf(m, m2);
-  if (top == -INFINITY) return;
+  if (top == -INFINITY) {  // both without a finite score; a NaN sum (NaN keys only) must survive
+    l += l2;
+    a += a2;
+    return;
+  }
   const float w = fast_exp2(m - top), w2 = fast_exp2(m2 - top);  // 2^-inf = 0: an empty side adds nothing
   l = l * w + l2 * w2;
   a = a * w + a2 * w2;
   m = top;
 }
 
-// Same rule as the reference: a row without usable keys has l = 0.
+// Same rule as the reference: a row without usable keys has l = 0. A NaN l (a NaN/inf input that
+// the row depends on, docs/DESIGN.md "GPU readiness") gives NaN outputs, never empty_value.
 __device__ __forceinline__ void write_result(float m, float l, float a, const HistaParams& p, int64_t i) {
-  if (l > 0.f) {
+  if (l != 0.f) {
     p.values[i] = a / l;
     p.lse[i] = (m + log2f(l)) * kLn2;
   } else {
@@ -406,7 +411,8 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocksPerSm) hista
         if (p.key_mask && !p.key_mask[j]) add = -INFINITY;
         ret = p.returns[j];
         rollout = p.rollout_ids[j];
-        usable = add > -INFINITY && !(one_rollout && rollout == q_rollout[0]);
+        // `!=`: a NaN key_bias makes the key poisoned, not masked.
+        usable = add != -INFINITY && !(one_rollout && rollout == q_rollout[0]);
       }
       k_scale[tid] = scale;
       k_add[tid] = add;
@@ -432,9 +438,12 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocksPerSm) hista
       for (int r = 0; r < kRows; ++r) {
         const int row = Tiles::row(r);
         // `&`, not `&&`: every operand is a cheap shared load; without short-circuits, no branches.
-        const bool key = (j >= q_begin[row]) & (j < q_end[row]) & (add > -INFINITY) & (rollout != q_rollout[row]);
+        const bool key = (j >= q_begin[row]) & (j < q_end[row]) & (add != -INFINITY) & (rollout != q_rollout[row]);
         float& x = Tiles::at(acc, r, c);
-        x = key ? fmaf(x * q_scale[row], scale, add) : -INFINITY;
+        // A key's score is -inf only if a hidden state was non-finite (add is not -inf here): NaN,
+        // so that it poisons the row instead of becoming a silent zero weight. Non-keys: -inf.
+        const float s = fmaf(x * q_scale[row], scale, add);
+        x = key ? (s == -INFINITY ? NAN : s) : -INFINITY;
         tile_max[r] = fmaxf(tile_max[r], x);
       }
     }
@@ -453,9 +462,11 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocksPerSm) hista
       const float ret = k_return[Tiles::col(c)];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        const float w = fast_exp2(Tiles::at(acc, r, c) - shift[r]);
+        const float x = Tiles::at(acc, r, c);
+        const float w = fast_exp2(x - shift[r]);
         run_l[r] += w;
-        run_a[r] = fmaf(w, ret, run_a[r]);
+        // Non-keys (x = -inf) add nothing: 0 * a NaN return of a non-key must not poison the row.
+        run_a[r] = x == -INFINITY ? run_a[r] : fmaf(w, ret, run_a[r]);
       }
     }
   }

@@ -165,6 +165,24 @@ def test_hista_fp32_extremes(emulator, tmp_path, seed, scale, temperature):
     check_hista(values, lse, hidden, returns, rollout_ids, offsets, temperature=temperature)
 
 
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype,similarity,key_splits", [(torch.float32, "cosine", 1), (torch.float32, "dot", 3),
+                                                         (torch.bfloat16, "dot", 1), (torch.float16, "cosine", 2)])
+def test_hista_nonfinite_inputs_poison_exactly_their_dependents(emulator, tmp_path, seed, poison, dtype, similarity,
+                                                                key_splits):
+    """docs/CONTRACT.md "Common rules" (nonfinite_cases.py): a NaN hidden state used to turn the other
+    rollouts' values into empty_value; outputs that do not depend on a poisoned input are unchanged."""
+    from nonfinite_cases import check_hista_nonfinite, hista_poison_case
+
+    clean, poisoned, bad_values, bad_lse = hista_poison_case(poison)
+    for case in (clean, poisoned):
+        case["hidden"] = case["hidden"].to(dtype)
+        case["similarity"] = similarity
+    args = [poisoned.pop(k) for k in ("hidden", "returns", "rollout_ids", "group_offsets")]
+    values, lse = emulated_hista(emulator, tmp_path, *args, key_splits=key_splits, **poisoned)
+    check_hista_nonfinite(sk.HistaOutput(values, lse), clean, bad_values, bad_lse, poison)
+
+
 def emulated_gae(exe, directory, rewards, values, mask, gamma, lam):
     batch, length = rewards.shape
     params = dict(batch=batch, length=length, element_bytes=rewards.element_size(), gamma=float(gamma),

@@ -66,6 +66,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(math.log(2.0))
 _NEG_INF = tl.constexpr(float("-inf"))
+_NAN = tl.constexpr(float("nan"))
 # Columns of the per-group schedule table (int64 [G', 5]).
 _SCHED_COLS = tl.constexpr(5)
 
@@ -196,7 +197,7 @@ def _row_terms_kernel(hidden_ptr, key_mask_ptr, key_bias_ptr, q_scale_ptr, k_sca
 @triton.jit
 def _finish(m, l, a, empty_value):
     """(values, lse) from a row's base-2 max, sum of weights and weighted sum of returns."""
-    has_keys = l > 0
+    has_keys = l != 0  # NaN (a non-finite input the row depends on) stays NaN, never empty_value
     safe_l = tl.where(has_keys, l, 1.0)
     values = tl.where(has_keys, a / safe_l, empty_value)
     lse = tl.where(has_keys, (m + tl.log2(safe_l)) * _LN2, _NEG_INF)
@@ -318,10 +319,15 @@ def _hista_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_scale_ptr
             scores = acc * q_scale[:, None]
             if HAS_K_SCALE:
                 scores = scores * tl.load((k_scale_ptr + k0) + key_idx, mask=col_ok, other=0.0)[None, :]
-            if HAS_K_ADD:  # -inf for masked keys
-                scores = scores + tl.load(k_add_ptrs, mask=col_ok, other=_NEG_INF)[None, :]
+            # Before the key term, -inf can only come from a non-finite hidden state: NaN, so that it
+            # poisons the row instead of being a silent zero weight (docs/DESIGN.md, "GPU readiness").
+            scores = tl.where(scores == _NEG_INF, _NAN, scores)
             k_rollout = tl.load(k_rollout_ptrs, mask=col_ok, other=0)
             usable = col_ok[None, :] & (q_rollout[:, None] != k_rollout[None, :])
+            if HAS_K_ADD:  # -inf for masked keys: they leave K(i), NaN hidden states included
+                k_add = tl.load(k_add_ptrs, mask=col_ok, other=_NEG_INF)
+                scores = scores + k_add[None, :]
+                usable = usable & (k_add != _NEG_INF)[None, :]
             scores = tl.where(usable, scores, _NEG_INF)
             k_returns = tl.load((returns_ptr + k0) + key_idx, mask=col_ok, other=0.0)
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -329,7 +335,8 @@ def _hista_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_scale_ptr
             p = tl.exp2(scores - shift[:, None])
             rescale = tl.exp2(m_i - shift)
             l_i = l_i * rescale + tl.sum(p, axis=1)
-            a_i = a_i * rescale + tl.sum(p * k_returns[None, :], axis=1)
+            # Only keys add: 0 * a NaN return of a non-key (e.g. the row's own rollout) must not poison.
+            a_i = a_i * rescale + tl.sum(tl.where(usable, p * k_returns[None, :], 0.0), axis=1)
             m_i = m_new
 
     if DIRECT_OUT:

@@ -264,3 +264,20 @@ def test_gpu_64k_group_memory_is_linear(seed):
     want = torch.softmax(scores, dim=1) @ returns.double()
     # The truth starts from the same bf16 numbers, so only fp32 accumulation separates the two.
     assert (out.values[rows].double() - want).abs().max() <= 1e-3 * returns.abs().max()
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+@pytest.mark.parametrize("splits", [False, True], ids=["direct", "split"])
+def test_nonfinite_inputs_poison_exactly_their_dependents(seed, poison, similarity, splits):
+    """docs/CONTRACT.md "Common rules": NaN/inf inputs give NaN/inf in the outputs that depend on them
+    (never empty_value), and leave the other outputs as the oracle says (nonfinite_cases.py)."""
+    from nonfinite_cases import check_hista_nonfinite, hista_poison_case
+
+    clean, poisoned, bad_values, bad_lse = hista_poison_case(poison)
+    config = replace(kernels().INTERPRETER_CONFIG, min_split_keys=8 if splits else 1 << 20)
+    kw = {k: v for k, v in poisoned.items() if k not in ("hidden", "returns", "rollout_ids", "group_offsets")}
+    out = run(poisoned["hidden"], poisoned["returns"], poisoned["rollout_ids"], poisoned["group_offsets"],
+              config=config, similarity=similarity, **kw)
+    clean["similarity"] = similarity
+    check_hista_nonfinite(out, clean, bad_values, bad_lse, poison)
