@@ -10,8 +10,10 @@ are non-finite (NaN for a NaN input), never a plausible number; all other output
   rollout, key_mask False) never matter, whatever they hold.
 - Numca (§2c): values[b, t] depends on returns[b'] for every b' in the support set S whose mean it
   takes, or in peers(b) when it takes their mean; masked tokens are 0 whatever the returns.
-- GAE (§3): adv[b, t] and returns[b, t] depend on rewards and values of row b at positions >= t
-  (masked ones included: the trainers' loop multiplies them by 0, and 0 * NaN is NaN).
+- GAE (§3): adv[b, t] depends on rewards and values of row b at the *valid* positions >= t;
+  returns[b, t] = adv[b, t] + values[b, t] also on values[b, t]. Masked positions are skipped (never
+  read), as the contract's "masked positions skipped" says: the loop's `m * x` is read as
+  `where(m, x, 0)`, so that padding (often garbage: -inf log-probs, NaN) cannot poison a row.
 
 The helpers build a clean case, poison some entries, and give the set of outputs that must be
 non-finite; every other output must equal the oracle on the clean inputs.
@@ -101,23 +103,28 @@ def gae_poison_case(poison, batch=4, length=23):
     rewards, values = torch.randn(batch, length), torch.randn(batch, length)
     mask = torch.rand(batch, length) > 0.3
     r_p, v_p = rewards.clone(), values.clone()
-    bad = torch.zeros(batch, length, dtype=torch.bool)
-    for tensor in (r_p, v_p):
+    bad_adv = torch.zeros(batch, length, dtype=torch.bool)
+    bad_ret = torch.zeros(batch, length, dtype=torch.bool)
+    for tensor in (r_p, v_p, r_p, v_p):  # each twice: at a valid and at a masked position
         b, t = int(torch.randint(batch, ())), int(torch.randint(length, ()))
         tensor[b, t] = poison
-        bad[b, : t + 1] = True
-    return (rewards, values, mask), (r_p, v_p, mask), bad
+        if mask[b, t]:
+            bad_adv[b, : t + 1] = True
+        if tensor is v_p:
+            bad_ret[b, t] = True
+    return (rewards, values, mask), (r_p, v_p, mask), (bad_adv, bad_adv | bad_ret)
 
 
 def check_gae_nonfinite(out, clean, bad, gamma, lam, poison):
     from oracles import gae_oracle
 
     adv, ret = (x.cpu() for x in out)
-    assert not torch.isfinite(adv[bad]).any() and not torch.isfinite(ret[bad]).any()
+    bad_adv, bad_ret = bad
+    assert not torch.isfinite(adv[bad_adv]).any() and not torch.isfinite(ret[bad_ret]).any()
     if math.isnan(poison):
-        assert torch.isnan(adv[bad]).all()
+        assert torch.isnan(adv[bad_adv]).all() and torch.isnan(ret[bad_ret]).all()
     want_adv, want_ret = gae_oracle(*clean, gamma, lam)
     length = clean[0].shape[1]
     bound = 1e-5 * (1 + float(want_adv.abs().max())) * math.log2(length + 1)
-    assert (adv[~bad].double() - want_adv[~bad]).abs().max() <= bound
-    assert (ret[~bad].double() - want_ret[~bad]).abs().max() <= bound * 4
+    assert (adv[~bad_adv].double() - want_adv[~bad_adv]).abs().max() <= bound
+    assert (ret[~bad_ret].double() - want_ret[~bad_ret]).abs().max() <= bound * 4

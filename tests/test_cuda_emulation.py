@@ -208,6 +208,16 @@ def test_gae_kernel_matches_loop(emulator, tmp_path, seed, length, dtype):
     check_gae(adv, ret, rewards, values, mask, gamma, lam)
 
 
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.8), (0.0, 0.5)])
+def test_gae_kernel_nonfinite_inputs_poison_exactly_their_dependents(emulator, tmp_path, seed, poison, gamma, lam):
+    from nonfinite_cases import check_gae_nonfinite, gae_poison_case
+
+    clean, poisoned, bad = gae_poison_case(poison, length=SEGMENT + 37)
+    out = emulated_gae(emulator, tmp_path, *poisoned, gamma, lam)
+    check_gae_nonfinite(out, clean, bad, gamma, lam, poison)
+
+
 def test_gae_kernel_carries_across_segments(emulator, tmp_path, seed):
     """Valid positions only on either side of segment and chunk boundaries: the next valid value and the
     advantage must travel across empty chunks and whole empty segments."""

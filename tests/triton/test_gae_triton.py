@@ -135,3 +135,14 @@ def test_large_values_small_advantages(seed, offset):
         bound = 1e-5 * (1 + float(want_adv.abs().max())) * math.log2(length + 1)
         assert (adv.double() - want_adv).abs().max() <= bound
         assert (ret.double() - want_ret).abs().max() <= bound + 1e-7 * float(want_ret.abs().max())
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.8), (0.0, 0.5)])
+def test_nonfinite_inputs_poison_exactly_their_dependents(seed, poison, gamma, lam):
+    from nonfinite_cases import check_gae_nonfinite, gae_poison_case
+
+    clean, poisoned, bad = gae_poison_case(poison, length=45)
+    from sveb_kernels.gae import triton as gae_triton
+    out = gae_triton.gae(*[t.to(DEVICE) for t in poisoned], gamma, lam, block_t=16)  # several blocks per row
+    check_gae_nonfinite(out, clean, bad, gamma, lam, poison)
