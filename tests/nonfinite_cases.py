@@ -128,3 +128,46 @@ def check_gae_nonfinite(out, clean, bad, gamma, lam, poison):
     bound = 1e-5 * (1 + float(want_adv.abs().max())) * math.log2(length + 1)
     assert (adv[~bad_adv].double() - want_adv[~bad_adv]).abs().max() <= bound
     assert (ret[~bad_ret].double() - want_ret[~bad_ret]).abs().max() <= bound * 4
+
+
+def numca_poison_case(poison, batch=9, length=31, match="last", min_support=1):
+    """Hand-built spans over groups of 1-4 rollouts with one or two poisoned returns. The outputs that
+    depend on returns[p] are found by linearity, from the oracle alone: every value is a mean of
+    returns (or 0 / empty_value), so it depends on returns[p] iff it is non-zero when returns is the
+    p-th unit vector (empty_value 0)."""
+    from oracles import numca_values_oracle
+
+    end = torch.rand(batch, length) < 0.25
+    key = torch.where(end, torch.randint(1, 4, (batch, length)), torch.zeros(batch, length, dtype=torch.int64))
+    group_index = torch.randint(0, 3, (batch,)).sort().values
+    mask = torch.rand(batch, length) > 0.2
+    returns = torch.randn(batch)
+    poisoned_rows = torch.randperm(batch)[: int(torch.randint(1, 3, ()))]
+    kw = dict(match=match, min_support=min_support, leave_one_out=True)
+    bad = torch.zeros(batch, length, dtype=torch.bool)
+    for p in poisoned_rows.tolist():
+        unit = torch.zeros(batch, dtype=torch.float64)
+        unit[p] = 1.0
+        weight = torch.tensor(numca_values_oracle(end, key, unit, group_index, mask, empty_value=0.0, **kw),
+                              dtype=torch.float64).reshape(batch, length)
+        bad |= weight != 0
+    returns_p = returns.clone()
+    returns_p[poisoned_rows] = poison
+    spans = (end, key, None, None)
+    clean = dict(spans=spans, returns=returns, group_index=group_index, mask=mask, empty_value=-0.5, **kw)
+    return clean, dict(clean, returns=returns_p), bad
+
+
+def check_numca_nonfinite(out, clean, bad, poison):
+    from oracles import numca_values_oracle
+
+    out = out.cpu()
+    assert bad.any()
+    assert not torch.isfinite(out[bad]).any()
+    if math.isnan(poison):
+        assert torch.isnan(out[bad]).all()
+    spans = clean["spans"]
+    kw = {k: v for k, v in clean.items() if k not in ("spans", "returns", "group_index", "mask")}
+    want = torch.tensor(numca_values_oracle(spans[0], spans[1], clean["returns"], clean["group_index"], clean["mask"],
+                                            **kw), dtype=torch.float64).reshape(out.shape)
+    torch.testing.assert_close(out[~bad].double(), want[~bad], rtol=1e-6, atol=1e-6)
