@@ -349,6 +349,20 @@ def emulated_values(exe, directory, spans, returns, group_index, mask, *, match=
     return values.reshape(batch, length)
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("match,min_support", [("last", 1), ("prefix", 1), ("last", 2)])
+def test_numca_values_kernel_nonfinite_returns(emulator, tmp_path, seed, poison, match, min_support):
+    """docs/CONTRACT.md "Common rules" (tests/nonfinite_cases.py)."""
+    from nonfinite_cases import check_numca_nonfinite, numca_poison_case
+
+    clean, poisoned, bad = numca_poison_case(poison, match=match, min_support=min_support)
+    end, key = poisoned["spans"][:2]
+    out = emulated_values(emulator, tmp_path, NumericSpans(end, key, None, None), poisoned["returns"],
+                          poisoned["group_index"], poisoned["mask"], match=match, min_support=min_support,
+                          empty_value=poisoned["empty_value"])
+    check_numca_nonfinite(out, clean, bad, poison)
+
+
 def values_case(rng, match, length):
     """Groups of 1 to 6 rollouts (some of one), interleaved in the batch; keys from a small pool so that
     peers share numbers (for "prefix": a shared script with divergences); masked holes."""

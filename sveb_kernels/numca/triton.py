@@ -498,7 +498,9 @@ def numca_values(end: Tensor, key: Tensor, returns: Tensor, group_index: Tensor,
     out = torch.empty(batch, length, dtype=torch.float32, device=device)
     if batch == 0 or length == 0:
         return out
-    valid = end.to(torch.bool) & mask.to(torch.bool)
+    # contiguous(): `&` keeps the inputs' strides (column-major in, column-major out), and the kernel
+    # reads it row-major (docs/DESIGN.md, "GPU readiness": strided inputs).
+    valid = (end.to(torch.bool) & mask.to(torch.bool)).contiguous()
     key = key.to(torch.int64)
     ret = returns.to(torch.float64).contiguous()
     # Groups without host syncs: rows sorted by group; a row's peers are a range of that order.
@@ -506,10 +508,15 @@ def numca_values(end: Tensor, key: Tensor, returns: Tensor, group_index: Tensor,
     sorted_group = group_index[order].contiguous()
     lo = torch.searchsorted(sorted_group, group_index.contiguous(), right=False)
     hi = torch.searchsorted(sorted_group, group_index.contiguous(), right=True)
-    csum = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), torch.cumsum(ret[order], 0)])
+    # Prefix sums as (finite part, NaN/inf counts): a NaN/inf return reaches exactly the means that
+    # include it, not every later group through the running sum, nor its own row through NaN - NaN.
+    from .reference import _sum_of_parts, _sum_parts
+
+    parts = _sum_parts(ret)
+    csum = torch.cat([torch.zeros(1, 4, dtype=torch.float64, device=device), torch.cumsum(parts[order], 0)])
     loo = 1 if leave_one_out else 0
     peer_count = hi - lo - loo
-    peer_sum = csum[hi] - csum[lo] - loo * ret
+    peer_sum = _sum_of_parts(csum[hi] - csum[lo] - loo * parts)
     baseline = torch.where(peer_count > 0, peer_sum / peer_count.clamp(min=1).double(),
                            torch.full_like(peer_sum, float(empty_value)))
     count = valid.sum(1, dtype=torch.int32)
