@@ -22,6 +22,8 @@ the last supported number).
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from typing import Optional
 
@@ -383,6 +385,11 @@ def _powers_of_ten() -> list[float]:
     return out
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device (and its current stream): make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     if device not in _TABLES:
         _TABLES[device] = (torch.tensor(FWD_DELTA.reshape(-1), dtype=torch.int8, device=device),
@@ -412,13 +419,14 @@ def numeric_spans(token_ids: Tensor, table: Tensor, mask: Optional[Tensor], *, b
     carries = torch.empty(batch, chunks, dtype=torch.int32, device=device)
     width = table.shape[1] - _vocab.COL_CLASSES
     fdelta, bdelta, powers = _tables(device)
-    _spans_kernel[(batch,)](
-        ids, mask_arg, table, fdelta, bdelta, powers, carries, end, key, value, start,
-        length, table.shape[0], chunks,
-        COLS=table.shape[1], WIDTH=width, WP=triton.next_power_of_2(width), HAS_MASK=has_mask, BLOCK_T=block_t,
-        num_warps=4 if block_t <= 512 else 8,
-        enable_fp_fusion=False,  # the double-double value correction needs plain products
-    )
+    with _on_device(device):
+        _spans_kernel[(batch,)](
+            ids, mask_arg, table, fdelta, bdelta, powers, carries, end, key, value, start,
+            length, table.shape[0], chunks,
+            COLS=table.shape[1], WIDTH=width, WP=triton.next_power_of_2(width), HAS_MASK=has_mask, BLOCK_T=block_t,
+            num_warps=4 if block_t <= 512 else 8,
+            enable_fp_fusion=False,  # the double-double value correction needs plain products
+        )
     return end.view(torch.bool), key, value, start
 
 
@@ -538,11 +546,12 @@ def numca_values(end: Tensor, key: Tensor, returns: Tensor, group_index: Tensor,
         sorted_keys = torch.sort(torch.where(valid, key, torch.full_like(key, torch.iinfo(torch.int64).max)), 1).values
     if block_t is None:
         block_t = 64 if _INTERPRETED else min(1024, triton.next_power_of_2(length))
-    _values_kernel[(batch,)](
-        valid.view(torch.uint8), mask.to(torch.bool).contiguous().view(torch.uint8), key.contiguous(),
-        sorted_keys.contiguous(), count, h1.contiguous(), h2.contiguous(), ret, order, lo, hi, baseline, out,
-        length, loo, min(min_support, batch + 1),  # support <= batch: the same test, an int32 argument
-        PREFIX=prefix, SEARCH_STEPS=max(1, int(length).bit_length()), BLOCK_T=max(16, block_t),
-        num_warps=4 if block_t <= 512 else 8,
-    )
+    with _on_device(device):
+        _values_kernel[(batch,)](
+            valid.view(torch.uint8), mask.to(torch.bool).contiguous().view(torch.uint8), key.contiguous(),
+            sorted_keys.contiguous(), count, h1.contiguous(), h2.contiguous(), ret, order, lo, hi, baseline, out,
+            length, loo, min(min_support, batch + 1),  # support <= batch: the same test, an int32 argument
+            PREFIX=prefix, SEARCH_STEPS=max(1, int(length).bit_length()), BLOCK_T=max(16, block_t),
+            num_warps=4 if block_t <= 512 else 8,
+        )
     return out
