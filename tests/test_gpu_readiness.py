@@ -243,3 +243,36 @@ def test_public_checks_do_not_read_tensors_while_capturing(monkeypatch):
     hidden, returns, ids = trapped(torch.randn(5, 4), torch.randn(5), torch.zeros(5, dtype=torch.int32))
     sk.hista_values(hidden, returns, ids, *trapped(offsets), backend="reference", validate=True)
     assert len(seen) == 1
+
+
+# --- item 6: PTX of the newest arch ---------------------------------------------------------------
+
+def setup_function_named(name):
+    """One function of setup.py, without running setup() (which importing setup.py would)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace = {"re": re}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), "setup.py", "exec"), namespace)
+    return namespace[name]
+
+
+@pytest.mark.parametrize("requested,expected", [
+    ("8.0;9.0", "8.0;9.0+PTX"),
+    ("9.0", "9.0+PTX"),
+    ("9.0 8.0", "9.0+PTX;8.0"),
+    ("8.0;9.0+PTX", "8.0;9.0+PTX"),
+    ("8.0;10.0;9.0", "8.0;10.0+PTX;9.0"),
+    ("8.0;9.0a", "8.0;9.0a;9.0+PTX"),
+])
+def test_cuda_build_adds_ptx_of_the_newest_arch(requested, expected):
+    assert setup_function_named("cuda_arch_list")(requested) == expected
+
+
+def test_torch_turns_the_arch_list_into_sass_and_ptx(monkeypatch):
+    """What nvcc is then asked for: sm_80 and sm_90 SASS, and compute_90 PTX."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", setup_function_named("cuda_arch_list")("8.0;9.0"))
+    flags = " ".join(cpp_extension._get_cuda_arch_flags())
+    assert "code=sm_80" in flags and "code=sm_90" in flags and "arch=compute_90,code=compute_90" in flags
+    assert "code=compute_80" not in flags
