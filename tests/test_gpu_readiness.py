@@ -276,3 +276,50 @@ def test_torch_turns_the_arch_list_into_sass_and_ptx(monkeypatch):
     flags = " ".join(cpp_extension._get_cuda_arch_flags())
     assert "code=sm_80" in flags and "code=sm_90" in flags and "arch=compute_90,code=compute_90" in flags
     assert "code=compute_80" not in flags
+
+
+# --- item 10: the GPU suite -------------------------------------------------------------------------
+
+SUITE = ROOT / "bench" / "gpu_suite.sh"
+DOCUMENTED_ORDER = ["build", "correctness", "headline", "sanitizer", "sweeps"]  # docs/DESIGN.md, "GPU readiness"
+
+
+def suite_stages():
+    line = next(line for line in SUITE.read_text().splitlines() if line.startswith("STAGES="))
+    return [(name, int(limit)) for name, limit in (e.split(":") for e in line.split("=", 1)[1].strip('"').split())]
+
+
+def test_gpu_suite_parses():
+    import subprocess
+
+    proc = subprocess.run(["bash", "-n", str(SUITE)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_gpu_suite_stages_ordered_by_value_within_budget():
+    stages = suite_stages()
+    assert [name for name, _ in stages] == DOCUMENTED_ORDER
+    assert sum(limit for _, limit in stages[:3]) <= 6 * 60  # build + correctness + headline: ~6 minutes
+    assert all(limit > 0 for _, limit in stages)
+    source = SUITE.read_text()
+    assert all(f"stage_{name}() {{" in source for name in DOCUMENTED_ORDER)
+    assert "torch.version.cuda" in source and "triton.__version__" in source  # versions printed first
+
+
+def test_gpu_suite_dry_run_writes_each_stage_and_respects_the_budget(tmp_path):
+    import os
+    import subprocess
+
+    env = dict(os.environ, SVEB_SUITE_DRY_RUN="1")
+    proc = subprocess.run(["bash", str(SUITE), str(tmp_path / "full"), "900"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("\t") for line in (tmp_path / "full" / "summary.tsv").read_text().splitlines()[1:-1]]
+    assert [r[0] for r in rows] == DOCUMENTED_ORDER and all(r[3] == "ok" for r in rows)
+    assert all((tmp_path / "full" / f"{i + 1}_{name}.log").exists() for i, name in enumerate(DOCUMENTED_ORDER))
+    assert "torch" in (tmp_path / "full" / "versions.txt").read_text()
+    # a budget too small for any stage: every stage is skipped, none runs
+    proc = subprocess.run(["bash", str(SUITE), str(tmp_path / "tiny"), "10"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    rows = [line.split("\t") for line in (tmp_path / "tiny" / "summary.tsv").read_text().splitlines()[1:-1]]
+    assert [r[0] for r in rows] == DOCUMENTED_ORDER and all(r[3].startswith("skipped") for r in rows)
