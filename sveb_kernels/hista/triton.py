@@ -34,16 +34,25 @@ allocator) and automatic warp specialization (Blackwell only in this Triton): ca
 second tuning round on Hopper once the sweep has numbers.
 
 Precision: bf16/fp16 products accumulate in fp32 on tensor cores; fp32 inputs use 3xTF32 (plain
-TF32 would miss the fp32 accuracy bound of SPEC 1); fp64 inputs are computed in fp32.
+TF32 would miss the fp32 accuracy bound of docs/CONTRACT.md §1; bench/tf32_model.py models both, see
+docs/DESIGN.md "GPU readiness"); fp64 inputs are computed in fp32.
 
-Scheduling across groups of very different sizes: the host reads group_offsets (G+1 numbers), sorts
-the groups longest first and gives every work item one program; programs start in id order, so the
-largest items run first and the short ones fill the tail (longest-processing-time-first). A program
-finds its group by a binary search over the per-group item counts.
+Scheduling across groups of very different sizes: a few small device-side ops sort the groups
+longest first and number their work items (`build_schedule`); nothing is read back on the host, so
+the launch path never synchronises and CUDA-graph capture works. The host knows only a bound on the
+item count (from N and G), so the grid is persistent: min(bound, PROGRAMS_PER_SM * SMs) programs each
+take items pid, pid + P, ... up to the true count, which the schedule's sentinel row holds. Items run
+roughly in id order, so the largest run first and the short ones fill the tail
+(longest-processing-time-first). A program finds an item's group by a binary search over the
+per-group first item ids.
 
-Memory: O(N*D) inputs, O(N) per-token terms and outputs, plus 3 * max_splits * N floats of split
-partials (max_splits <= 16) when splits are used. Never [N, N]. Reading group_offsets on the host
-synchronises with the GPU once per call, as the reference does.
+Memory: O(N*D) inputs, O(N) per-token terms and outputs, plus 3 * S * N floats of split partials
+when splits are possible, S = min(max_splits, ceil(N / min_split_keys)) <= 16 (a bound: the true
+split counts live on the device). Never [N, N].
+
+Non-finite inputs (docs/DESIGN.md "GPU readiness"): a NaN/inf reaches exactly the rows whose key set
+holds it (or the row itself); such a row's sum of weights is NaN, which `_finish` keeps as NaN, never
+empty_value.
 """
 
 from __future__ import annotations
