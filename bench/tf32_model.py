@@ -38,26 +38,33 @@ def to_fp32_toward_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(too_far, torch.nextafter(y, torch.zeros_like(y)), y)
 
 
-def gemm_tf32(a: torch.Tensor, b: torch.Tensor, passes: int) -> torch.Tensor:
-    """a @ b.T in the tensor-core model: passes=3 (3xTF32) or 1 (plain TF32)."""
+def gemm_tf32(a: torch.Tensor, b: torch.Tensor, passes: int, block: int = 0) -> torch.Tensor:
+    """a @ b.T in the tensor-core model: passes=3 (3xTF32) or 1 (plain TF32). block > 0: two-level
+    summation, each `block` columns into a fresh accumulator that is then added (rounded to nearest)."""
     a_hi, b_hi = tf32(a), tf32(b)
     a_lo, b_lo = tf32(a - a_hi), tf32(b - b_hi)
     terms = [(a_hi, b_hi)] if passes == 1 else [(a_lo, b_hi), (a_hi, b_lo), (a_hi, b_hi)]
-    acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32)
+    total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32)
+    acc = torch.zeros_like(total)
     for k0 in range(0, a.shape[1], K_STEP):
         for x, y in terms:
             partial = x[:, k0:k0 + K_STEP].double() @ y[:, k0:k0 + K_STEP].double().T  # exact products
             acc = to_fp32_toward_zero(acc.double() + partial)
-    return acc
+        if block and (k0 + K_STEP) % block == 0:
+            total, acc = total + acc, torch.zeros_like(acc)
+    return total + acc
 
 
-def gemm_fp32_fma(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T as sequential fp32 FMAs (round to nearest once per product)."""
-    acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32)
+def gemm_fp32_fma(a: torch.Tensor, b: torch.Tensor, block: int = 0) -> torch.Tensor:
+    """a @ b.T as sequential fp32 FMAs (round to nearest once per product); block > 0: two-level."""
+    total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32)
+    acc = torch.zeros_like(total)
     a64, b64 = a.double(), b.double()
     for k in range(a.shape[1]):
         acc = (acc.double() + a64[:, k, None] * b64[None, :, k]).to(torch.float32)  # fma: one rounding
-    return acc
+        if block and (k + 1) % block == 0:
+            total, acc = total + acc, torch.zeros_like(acc)
+    return total + acc
 
 
 def hista_from_dots(dots, hidden, returns, rollout, temperature):
@@ -96,8 +103,13 @@ def main(argv=None):
         g = torch.Generator().manual_seed(seed)
         hidden, returns, rollout = batch(args.d, args.rollouts, args.tokens, args.shared, g)
         exact = hista_from_dots(hidden.double() @ hidden.double().T, hidden, returns, rollout, args.temperature)
-        for name, dots in (("fp32 FMA", gemm_fp32_fma(hidden, hidden)), ("3xTF32", gemm_tf32(hidden, hidden, 3)),
-                           ("TF32", gemm_tf32(hidden, hidden, 1))):
+        methods = (("fp32 FMA", lambda: gemm_fp32_fma(hidden, hidden)),
+                   ("fp32 FMA/64", lambda: gemm_fp32_fma(hidden, hidden, block=64)),
+                   ("3xTF32", lambda: gemm_tf32(hidden, hidden, 3)),
+                   ("3xTF32/64", lambda: gemm_tf32(hidden, hidden, 3, block=64)),
+                   ("TF32", lambda: gemm_tf32(hidden, hidden, 1)))
+        for name, gemm in methods:
+            dots = gemm()
             values, lse = hista_from_dots(dots, hidden, returns, rollout, args.temperature)
             err = float((values - exact[0]).abs().max() / returns.abs().max())
             lse_err = float(((lse - exact[1]).abs() / exact[1].abs().clamp_min(1.0)).max())

@@ -326,11 +326,29 @@ struct SimtTiles {
     fetch(regs, p, q0, k0, k_end, 0);
     store(stages, regs);
     __syncthreads();
+    // Two-level summation: kStagesPerPart stages (64 columns) into a fresh partial tile, then added to
+    // acc. One running fp32 sum over D = 4096 products missed the fp32 bound at temperature 1e-3 (its
+    // ~D roundings reach the logits multiplied by 1/temperature); this rounds ~64 + D/64 times
+    // (docs/DESIGN.md "GPU readiness", bench/tf32_model.py).
+    constexpr int kStagesPerPart = 4;
+    Acc part;
     for (int kb = 0; kb < num_k; ++kb) {
       const bool more = kb + 1 < num_k;
+      if (kb % kStagesPerPart == 0) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+          for (int c = 0; c < kCols; ++c) part.c[r][c] = 0.f;
+      }
       if (more) fetch(regs, p, q0, k0, k_end, (kb + 1) * BK);  // global loads in flight during the FMAs
-      compute_stage(acc, stages + (kb & 1) * kStageElems);
+      compute_stage(part, stages + (kb & 1) * kStageElems);
       if (more) store(stages + ((kb + 1) & 1) * kStageElems, regs);
+      if (kb % kStagesPerPart == kStagesPerPart - 1 || !more) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+          for (int c = 0; c < kCols; ++c) acc.c[r][c] += part.c[r][c];
+      }
       __syncthreads();  // block kb+1 visible; nobody reads buffer kb&1 any more when it is refilled
     }
   }

@@ -231,7 +231,8 @@ def _hista_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_scale_ptr
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_Q: tl.constexpr,
                   HAS_K_SCALE: tl.constexpr, HAS_K_ADD: tl.constexpr, SINGLE_D_CHUNK: tl.constexpr,
                   EVEN_D: tl.constexpr, DIRECT_OUT: tl.constexpr, SKIP_EMPTY_TILES: tl.constexpr,
-                  UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr):
+                  UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr,
+                  TWO_LEVEL: tl.constexpr = False):
     # Persistent programs: the schedule is built on the device, so the host knows only a bound on the
     # number of work items; each program takes items pid, pid + P, ... up to the true count, which
     # the schedule's sentinel row holds (no host synchronisation, docs/DESIGN.md "GPU readiness").
@@ -327,7 +328,12 @@ def _hista_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_scale_ptr
                         if UPCAST_DOT:
                             q = q.to(tl.float32)
                             k = k.to(tl.float32)
-                        acc = tl.dot(q, tl.trans(k), acc, input_precision=DOT_PRECISION)
+                        if TWO_LEVEL:
+                            # Each chunk into a fresh accumulator, then added: error ~ (BLOCK_D + D/BLOCK_D)
+                            # roundings instead of D (docs/DESIGN.md "GPU readiness": fp32 at D=4096).
+                            acc += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                        else:
+                            acc = tl.dot(q, tl.trans(k), acc, input_precision=DOT_PRECISION)
 
                 scores = acc * q_scale[:, None]
                 if HAS_K_SCALE:
@@ -442,7 +448,8 @@ def kernel_constexprs(cfg: HistaConfig, dtype: torch.dtype, d: int, *, cosine: b
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, GROUP_Q=cfg.group_q,
                 HAS_K_SCALE=cosine, HAS_K_ADD=has_k_add, SINGLE_D_CHUNK=d <= block_d, EVEN_D=d % block_d == 0,
                 DIRECT_OUT=direct, SKIP_EMPTY_TILES=cfg.skip_empty_tiles and not cfg.flatten, FLATTEN=cfg.flatten,
-                UPCAST_DOT=_INTERPRETED and dtype != torch.float32, DOT_PRECISION=_dot_precision(dtype))
+                UPCAST_DOT=_INTERPRETED and dtype != torch.float32, DOT_PRECISION=_dot_precision(dtype),
+                TWO_LEVEL=dtype == torch.float32)
 
 
 def _on_device(device: torch.device):
