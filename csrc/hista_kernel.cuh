@@ -60,7 +60,7 @@ struct HistaParams {
   const int64_t* rollout_ids;
   const int64_t* group_offsets;  // num_groups + 1 entries
   int num_groups;
-  const float* inv_norm;  // cosine: 1 / max(|h_j|, eps); dot: null (scale 1)
+  const float* inv_norm;  // cosine: 1 / max(|h_j|, eps); dot: 1, or NaN for a row with a NaN/inf
   const bool* key_mask;   // null: every key usable
   const float* key_bias;  // null: no bias
   float logit_scale;      // log2(e) / temperature: logits are kept in base 2
@@ -458,10 +458,10 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocksPerSm) hista
         // `&`, not `&&`: every operand is a cheap shared load; without short-circuits, no branches.
         const bool key = (j >= q_begin[row]) & (j < q_end[row]) & (add != -INFINITY) & (rollout != q_rollout[row]);
         float& x = Tiles::at(acc, r, c);
-        // A key's score is -inf only if a hidden state was non-finite (add is not -inf here): NaN,
-        // so that it poisons the row instead of becoming a silent zero weight. Non-keys: -inf.
-        const float s = fmaf(x * q_scale[row], scale, add);
-        x = key ? (s == -INFINITY ? NAN : s) : -INFINITY;
+        // A non-finite hidden state gives NaN here, never a silent -inf (zero weight): its scale
+        // (inv_norm) is 0 (cosine: 0 * inf) or NaN (dot, set by the host code). A select that turned
+        // -inf into NaN here instead made ptxas spill the tensor-core kernels.
+        x = key ? fmaf(x * q_scale[row], scale, add) : -INFINITY;
         tile_max[r] = fmaxf(tile_max[r], x);
       }
     }

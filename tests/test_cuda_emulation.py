@@ -74,15 +74,17 @@ def emulated_hista(exe, directory, hidden, returns, rollout_ids, offsets, *, tem
         "rollout_ids": rollout_ids.to(torch.int64).numpy(),
         "group_offsets": offsets.to(torch.int64).numpy(),
     }
+    norms = torch.linalg.vector_norm(h, dim=1, dtype=torch.float32)
     if similarity == "cosine":
-        norms = torch.linalg.vector_norm(h, dim=1, dtype=torch.float32)
         arrays["inv_norm"] = (1.0 / norms.clamp_min(1e-6)).numpy()
+    else:  # dot: 1, NaN for rows holding a NaN/inf (csrc/hista.cu)
+        arrays["inv_norm"] = (norms * 0 + 1).numpy()
     if key_mask is not None:
         arrays["key_mask"] = key_mask.to(torch.uint8).numpy()
     if key_bias is not None:
         arrays["key_bias"] = key_bias.to(torch.float32).numpy()
     params = dict(n=n, dim=padded.shape[1], num_groups=offsets.numel() - 1, element_bytes=h.element_size(),
-                  bf16=int(h.dtype == torch.bfloat16), key_splits=key_splits, cosine=int(similarity == "cosine"),
+                  bf16=int(h.dtype == torch.bfloat16), key_splits=key_splits, cosine=1,  # inv_norm always passed
                   has_mask=int(key_mask is not None), has_bias=int(key_bias is not None),
                   logit_scale=float(np.float32(float(np.float32(LOG2E)) / temperature)),
                   empty_value=float(empty_value), late_copies=int(late_copies))
