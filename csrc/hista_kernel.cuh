@@ -461,7 +461,8 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocksPerSm) hista
         // A non-finite hidden state gives NaN here, never a silent -inf (zero weight): its scale
         // (inv_norm) is 0 (cosine: 0 * inf) or NaN (dot, set by the host code). A select that turned
         // -inf into NaN here instead made ptxas spill the tensor-core kernels.
-        x = key ? fmaf(x * q_scale[row], scale, add) : -INFINITY;
+        const float s = fmaf(x * q_scale[row], scale, add);
+        x = key ? s : -INFINITY;
         tile_max[r] = fmaxf(tile_max[r], x);
       }
     }
