@@ -3,7 +3,8 @@
 Everything else is pure Python and lives in pyproject.toml. The extension is built when a CUDA
 toolkit and a CUDA build of torch are both present, or when SVEB_FORCE_CUDA_BUILD=1 (compiling
 needs no GPU). SVEB_SKIP_CUDA_BUILD=1 skips it. SVEB_CUDA_ARCHS (default "8.0;9.0") picks the
-GPU architectures; MAX_JOBS bounds the parallel compile (honoured by torch's ninja build).
+GPU architectures (SASS for each, plus PTX of the newest, which newer GPUs JIT-compile);
+MAX_JOBS bounds the parallel compile (honoured by torch's ninja build).
 
 What the extension was built against is written to sveb_kernels/_C_build.json so that an import
 under a different torch can refuse to load it instead of crashing (see sveb_kernels/_build_info.py).
@@ -112,6 +113,29 @@ def cuda_extension_plan():
     return True, "forced" if force else "CUDA toolkit and CUDA torch found", cuda_home
 
 
+def cuda_arch_list(archs: str) -> str:
+    """TORCH_CUDA_ARCH_LIST for the requested archs ("8.0;9.0"): SASS for each, plus PTX of the
+    newest ("9.0+PTX"), so that GPUs newer than every listed arch JIT-compile the kernels instead of
+    failing with "no kernel image". An arch-specific newest ("9.0a": its PTX runs on no other GPU)
+    gets the PTX of its plain arch added."""
+    entries = [a for a in re.split(r"[;\s]+", archs.strip()) if a]
+    if not entries:
+        raise ValueError(f"SVEB_CUDA_ARCHS names no architecture: {archs!r}")
+
+    def version(entry: str) -> tuple[int, int]:
+        major, minor = entry.split("+")[0].split(".")
+        return int(major), int(re.match(r"\d+", minor).group())
+
+    newest = max(entries, key=version)
+    base = newest.split("+")[0]
+    if base[-1].isalpha():  # arch-specific (sm_90a, sm_100a): its PTX is not forward compatible
+        plain = "%d.%d+PTX" % version(newest)
+        return ";".join(entries + ([plain] if plain not in entries else []))
+    if not newest.endswith("+PTX"):
+        entries[entries.index(newest)] = base + "+PTX"
+    return ";".join(entries)
+
+
 def build_kwargs() -> dict:
     build, reason, cuda_home = cuda_extension_plan()
     if not build:
@@ -122,7 +146,8 @@ def build_kwargs() -> dict:
 
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported, so set it first.
     os.environ["CUDA_HOME"] = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("SVEB_CUDA_ARCHS", "8.0;9.0"))
+    # An explicit TORCH_CUDA_ARCH_LIST is taken as given; SVEB_CUDA_ARCHS gets PTX of its newest arch.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cuda_arch_list(os.environ.get("SVEB_CUDA_ARCHS", "8.0;9.0")))
     import torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 

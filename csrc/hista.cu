@@ -129,9 +129,15 @@ std::tuple<at::Tensor, at::Tensor> hista_values_cuda(const at::Tensor& hidden, c
   const at::Tensor ids = rollout_ids.to(at::kLong).contiguous();
   const at::Tensor offsets = group_offsets.to(at::kLong).contiguous();
   at::Tensor inv_norm, mask, bias;
+  const at::Tensor norms = at::linalg_vector_norm(h, 2, at::IntArrayRef{1}, false, at::kFloat);
   if (similarity == "cosine") {
     // Norms in fp32 from the stored values, as in the reference.
-    inv_norm = at::linalg_vector_norm(h, 2, at::IntArrayRef{1}, false, at::kFloat).clamp_min(kNormEps).reciprocal();
+    inv_norm = norms.clamp_min(kNormEps).reciprocal();
+  } else {
+    // dot: scale 1, NaN for a row holding a NaN/inf (its norm is not finite), so that a -inf logit
+    // from it is NaN, never a silent zero weight (docs/DESIGN.md, "GPU readiness"). One read of
+    // hidden on the device; no host synchronisation.
+    inv_norm = norms.mul(0).add(1);
   }
   if (key_mask) mask = key_mask->contiguous();
   if (key_bias) bias = key_bias->to(at::kFloat).contiguous();

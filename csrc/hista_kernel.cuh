@@ -60,7 +60,7 @@ struct HistaParams {
   const int64_t* rollout_ids;
   const int64_t* group_offsets;  // num_groups + 1 entries
   int num_groups;
-  const float* inv_norm;  // cosine: 1 / max(|h_j|, eps); dot: null (scale 1)
+  const float* inv_norm;  // cosine: 1 / max(|h_j|, eps); dot: 1, or NaN for a row with a NaN/inf
   const bool* key_mask;   // null: every key usable
   const float* key_bias;  // null: no bias
   float logit_scale;      // log2(e) / temperature: logits are kept in base 2
@@ -105,16 +105,21 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // Online-softmax merge of (m, l, a) with (m2, l2, a2); m = -inf is the empty state.
 __device__ __forceinline__ void merge_state(float& m, float& l, float& a, float m2, float l2, float a2) {
   const float top = fmaxf(m, m2);
-  if (top == -INFINITY) return;
+  if (top == -INFINITY) {  // both without a finite score; a NaN sum (NaN keys only) must survive
+    l += l2;
+    a += a2;
+    return;
+  }
   const float w = fast_exp2(m - top), w2 = fast_exp2(m2 - top);  // 2^-inf = 0: an empty side adds nothing
   l = l * w + l2 * w2;
   a = a * w + a2 * w2;
   m = top;
 }
 
-// Same rule as the reference: a row without usable keys has l = 0.
+// Same rule as the reference: a row without usable keys has l = 0. A NaN l (a NaN/inf input that
+// the row depends on, docs/DESIGN.md "GPU readiness") gives NaN outputs, never empty_value.
 __device__ __forceinline__ void write_result(float m, float l, float a, const HistaParams& p, int64_t i) {
-  if (l > 0.f) {
+  if (l != 0.f) {
     p.values[i] = a / l;
     p.lse[i] = (m + log2f(l)) * kLn2;
   } else {
@@ -321,11 +326,29 @@ struct SimtTiles {
     fetch(regs, p, q0, k0, k_end, 0);
     store(stages, regs);
     __syncthreads();
+    // Two-level summation: kStagesPerPart stages (64 columns) into a fresh partial tile, then added to
+    // acc. One running fp32 sum over D = 4096 products missed the fp32 bound at temperature 1e-3 (its
+    // ~D roundings reach the logits multiplied by 1/temperature); this rounds ~64 + D/64 times
+    // (docs/DESIGN.md "GPU readiness", bench/tf32_model.py).
+    constexpr int kStagesPerPart = 4;
+    Acc part;
     for (int kb = 0; kb < num_k; ++kb) {
       const bool more = kb + 1 < num_k;
+      if (kb % kStagesPerPart == 0) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+          for (int c = 0; c < kCols; ++c) part.c[r][c] = 0.f;
+      }
       if (more) fetch(regs, p, q0, k0, k_end, (kb + 1) * BK);  // global loads in flight during the FMAs
-      compute_stage(acc, stages + (kb & 1) * kStageElems);
+      compute_stage(part, stages + (kb & 1) * kStageElems);
       if (more) store(stages + ((kb + 1) & 1) * kStageElems, regs);
+      if (kb % kStagesPerPart == kStagesPerPart - 1 || !more) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+          for (int c = 0; c < kCols; ++c) acc.c[r][c] += part.c[r][c];
+      }
       __syncthreads();  // block kb+1 visible; nobody reads buffer kb&1 any more when it is refilled
     }
   }
@@ -406,7 +429,8 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocksPerSm) hista
         if (p.key_mask && !p.key_mask[j]) add = -INFINITY;
         ret = p.returns[j];
         rollout = p.rollout_ids[j];
-        usable = add > -INFINITY && !(one_rollout && rollout == q_rollout[0]);
+        // `!=`: a NaN key_bias makes the key poisoned, not masked.
+        usable = add != -INFINITY && !(one_rollout && rollout == q_rollout[0]);
       }
       k_scale[tid] = scale;
       k_add[tid] = add;
@@ -432,9 +456,13 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocksPerSm) hista
       for (int r = 0; r < kRows; ++r) {
         const int row = Tiles::row(r);
         // `&`, not `&&`: every operand is a cheap shared load; without short-circuits, no branches.
-        const bool key = (j >= q_begin[row]) & (j < q_end[row]) & (add > -INFINITY) & (rollout != q_rollout[row]);
+        const bool key = (j >= q_begin[row]) & (j < q_end[row]) & (add != -INFINITY) & (rollout != q_rollout[row]);
         float& x = Tiles::at(acc, r, c);
-        x = key ? fmaf(x * q_scale[row], scale, add) : -INFINITY;
+        // A non-finite hidden state gives NaN here, never a silent -inf (zero weight): its scale
+        // (inv_norm) is 0 (cosine: 0 * inf) or NaN (dot, set by the host code). A select that turned
+        // -inf into NaN here instead made ptxas spill the tensor-core kernels.
+        const float s = fmaf(x * q_scale[row], scale, add);
+        x = key ? s : -INFINITY;
         tile_max[r] = fmaxf(tile_max[r], x);
       }
     }
@@ -453,9 +481,11 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocksPerSm) hista
       const float ret = k_return[Tiles::col(c)];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        const float w = fast_exp2(Tiles::at(acc, r, c) - shift[r]);
+        const float x = Tiles::at(acc, r, c);
+        const float w = fast_exp2(x - shift[r]);
         run_l[r] += w;
-        run_a[r] = fmaf(w, ret, run_a[r]);
+        // Non-keys (x = -inf) add nothing: 0 * a NaN return of a non-key must not poison the row.
+        run_a[r] = x == -INFINITY ? run_a[r] : fmaf(w, ret, run_a[r]);
       }
     }
   }

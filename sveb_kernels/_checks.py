@@ -88,9 +88,17 @@ def choice(name: str, x, options: tuple[str, ...]) -> str:
     return x
 
 
+def stream_capturing() -> bool:
+    """True while the current CUDA stream is being captured into a CUDA graph (reading a tensor on
+    the host is then an error, not just a synchronisation)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def is_tracing() -> bool:
-    """Data-dependent checks read tensor values; under torch.compile they would break the graph."""
-    return torch.compiler.is_compiling()
+    """Data-dependent checks read tensor values on the host: under torch.compile they would break the
+    graph, under CUDA-graph capture they are illegal. Both skip them (the eager warm-up run that
+    every capture needs has checked the same inputs' shapes and, usually, values)."""
+    return torch.compiler.is_compiling() or stream_capturing()
 
 
 def validate_requested(validate: Optional[bool]) -> bool:

@@ -74,15 +74,17 @@ def emulated_hista(exe, directory, hidden, returns, rollout_ids, offsets, *, tem
         "rollout_ids": rollout_ids.to(torch.int64).numpy(),
         "group_offsets": offsets.to(torch.int64).numpy(),
     }
+    norms = torch.linalg.vector_norm(h, dim=1, dtype=torch.float32)
     if similarity == "cosine":
-        norms = torch.linalg.vector_norm(h, dim=1, dtype=torch.float32)
         arrays["inv_norm"] = (1.0 / norms.clamp_min(1e-6)).numpy()
+    else:  # dot: 1, NaN for rows holding a NaN/inf (csrc/hista.cu)
+        arrays["inv_norm"] = (norms * 0 + 1).numpy()
     if key_mask is not None:
         arrays["key_mask"] = key_mask.to(torch.uint8).numpy()
     if key_bias is not None:
         arrays["key_bias"] = key_bias.to(torch.float32).numpy()
     params = dict(n=n, dim=padded.shape[1], num_groups=offsets.numel() - 1, element_bytes=h.element_size(),
-                  bf16=int(h.dtype == torch.bfloat16), key_splits=key_splits, cosine=int(similarity == "cosine"),
+                  bf16=int(h.dtype == torch.bfloat16), key_splits=key_splits, cosine=1,  # inv_norm always passed
                   has_mask=int(key_mask is not None), has_bias=int(key_bias is not None),
                   logit_scale=float(np.float32(float(np.float32(LOG2E)) / temperature)),
                   empty_value=float(empty_value), late_copies=int(late_copies))
@@ -165,6 +167,24 @@ def test_hista_fp32_extremes(emulator, tmp_path, seed, scale, temperature):
     check_hista(values, lse, hidden, returns, rollout_ids, offsets, temperature=temperature)
 
 
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype,similarity,key_splits", [(torch.float32, "cosine", 1), (torch.float32, "dot", 3),
+                                                         (torch.bfloat16, "dot", 1), (torch.float16, "cosine", 2)])
+def test_hista_nonfinite_inputs_poison_exactly_their_dependents(emulator, tmp_path, seed, poison, dtype, similarity,
+                                                                key_splits):
+    """docs/CONTRACT.md "Common rules" (nonfinite_cases.py): a NaN hidden state used to turn the other
+    rollouts' values into empty_value; outputs that do not depend on a poisoned input are unchanged."""
+    from nonfinite_cases import check_hista_nonfinite, hista_poison_case
+
+    clean, poisoned, bad_values, bad_lse = hista_poison_case(poison)
+    for case in (clean, poisoned):
+        case["hidden"] = case["hidden"].to(dtype)
+        case["similarity"] = similarity
+    args = [poisoned.pop(k) for k in ("hidden", "returns", "rollout_ids", "group_offsets")]
+    values, lse = emulated_hista(emulator, tmp_path, *args, key_splits=key_splits, **poisoned)
+    check_hista_nonfinite(sk.HistaOutput(values, lse), clean, bad_values, bad_lse, poison)
+
+
 def emulated_gae(exe, directory, rewards, values, mask, gamma, lam):
     batch, length = rewards.shape
     params = dict(batch=batch, length=length, element_bytes=rewards.element_size(), gamma=float(gamma),
@@ -188,6 +208,16 @@ def test_gae_kernel_matches_loop(emulator, tmp_path, seed, length, dtype):
     mask[0] = False  # a row without valid positions
     adv, ret = emulated_gae(emulator, tmp_path, rewards, values, mask, gamma, lam)
     check_gae(adv, ret, rewards, values, mask, gamma, lam)
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.8), (0.0, 0.5)])
+def test_gae_kernel_nonfinite_inputs_poison_exactly_their_dependents(emulator, tmp_path, seed, poison, gamma, lam):
+    from nonfinite_cases import check_gae_nonfinite, gae_poison_case
+
+    clean, poisoned, bad = gae_poison_case(poison, length=SEGMENT + 37)
+    out = emulated_gae(emulator, tmp_path, *poisoned, gamma, lam)
+    check_gae_nonfinite(out, clean, bad, gamma, lam, poison)
 
 
 def test_gae_kernel_carries_across_segments(emulator, tmp_path, seed):
@@ -393,6 +423,20 @@ def emulated_values(exe, directory, spans, returns, group_index, mask, *, match=
                   min_support=min(min_support, batch + 1), empty_value=float(empty_value))
     (values,) = run_emulator(exe, "numca_values", directory, params, arrays, ["values"])
     return values.reshape(batch, length)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("match,min_support", [("last", 1), ("prefix", 1), ("last", 2)])
+def test_numca_values_kernel_nonfinite_returns(emulator, tmp_path, seed, poison, match, min_support):
+    """docs/CONTRACT.md "Common rules" (tests/nonfinite_cases.py)."""
+    from nonfinite_cases import check_numca_nonfinite, numca_poison_case
+
+    clean, poisoned, bad = numca_poison_case(poison, match=match, min_support=min_support)
+    end, key = poisoned["spans"][:2]
+    out = emulated_values(emulator, tmp_path, NumericSpans(end, key, None, None), poisoned["returns"],
+                          poisoned["group_index"], poisoned["mask"], match=match, min_support=min_support,
+                          empty_value=poisoned["empty_value"])
+    check_numca_nonfinite(out, clean, bad, poison)
 
 
 def values_case(rng, match, length):

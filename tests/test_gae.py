@@ -121,3 +121,15 @@ def test_large_values_small_advantages(seed, offset):
     mask = right_padded_mask(batch, length)
     check(rewards, values, mask, 1.0, 1.0)
     check(rewards, values, mask, 0.99, 0.95)
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.8), (0.0, 0.5)])
+def test_nonfinite_inputs_poison_exactly_their_dependents(seed, poison, gamma, lam):
+    """docs/CONTRACT.md "Common rules" (tests/nonfinite_cases.py): a NaN/inf reward or value at t makes
+    adv/returns of its row at positions <= t non-finite, as the trainers' loop does; nothing else."""
+    from nonfinite_cases import check_gae_nonfinite, gae_poison_case
+
+    clean, poisoned, bad = gae_poison_case(poison)
+    out = sk.gae(*poisoned, gamma=gamma, lam=lam, backend="reference")
+    check_gae_nonfinite(out, clean, bad, gamma, lam, poison)

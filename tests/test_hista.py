@@ -193,3 +193,16 @@ def test_reference_memory_is_bounded():
     finally:
         torch.Tensor.__matmul__ = real_matmul
     assert allocated and max(allocated) <= 1 << 16 < n * n
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_nonfinite_inputs_poison_exactly_their_dependents(seed, poison, similarity):
+    """docs/CONTRACT.md "Common rules": a NaN/inf never becomes a plausible value (it used to turn the
+    other rollouts' values into empty_value); outputs that do not depend on it are unchanged."""
+    from nonfinite_cases import check_hista_nonfinite, hista_poison_case
+
+    clean, poisoned, bad_values, bad_lse = hista_poison_case(poison)
+    clean["similarity"] = poisoned["similarity"] = similarity
+    out = sk.hista_values(**poisoned, backend="reference")
+    check_hista_nonfinite(out, clean, bad_values, bad_lse, poison)

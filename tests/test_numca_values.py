@@ -263,3 +263,17 @@ def test_validate_scans_returns(monkeypatch, env, validate, scans):
             sk.numca_values(*positional, validate=validate)
     else:
         sk.numca_values(*positional, validate=validate)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("match,min_support", [("last", 1), ("prefix", 1), ("last", 2)])
+def test_nonfinite_returns_poison_exactly_their_dependents(seed, poison, match, min_support):
+    """docs/CONTRACT.md "Common rules" (tests/nonfinite_cases.py): values that average a NaN/inf return
+    are non-finite, the others are as the oracle says; validate=True raises instead."""
+    from nonfinite_cases import check_numca_nonfinite, numca_poison_case
+
+    clean, poisoned, bad = numca_poison_case(poison, match=match, min_support=min_support)
+    out = sk.numca_values(**poisoned, backend="reference")
+    check_numca_nonfinite(out, clean, bad, poison)
+    with pytest.raises(ValueError, match="returns"):
+        sk.numca_values(**poisoned, backend="reference", validate=True)

@@ -79,14 +79,17 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     # doubled the time). The per-step delta is formed in float64: with |values| >> |advantages| a
     # float32 delta would round at ulp(|v|) on every step and those errors add up along the row.
     v = values.T.to(torch.float32).contiguous()
-    m = (mask.T != 0).to(torch.float32).contiguous()
+    valid = (mask.T != 0).contiguous()
+    m = valid.to(torch.float32)
+    # `where`, not `m * x`: masked positions are skipped, so a NaN/inf there (padding) must not
+    # poison the row through 0 * NaN (docs/DESIGN.md, "GPU readiness"); the kernels do the same.
     # The value at the first valid position at or after t: x_t = (1-m_t)*x_{t+1} + m_t*v_t (exact:
     # every step copies a value or keeps one).
-    next_value_from = reverse_linear_scan_time_major(1 - m, m * v)
+    next_value_from = reverse_linear_scan_time_major(1 - m, torch.where(valid, v, 0.0))
     next_value = torch.cat([next_value_from[1:], next_value_from.new_zeros(1, batch)])  # strictly after t
     values64 = values.T.to(torch.float64)
     delta = rewards.T.to(torch.float64) + gamma * next_value.to(torch.float64) - values64
-    b = (m * delta).to(torch.float32).contiguous()
+    b = torch.where(valid, delta, 0.0).to(torch.float32).contiguous()
     a = 1 - m * (1 - gamma * lam)
     advantages = reverse_linear_scan_time_major(a, b)
     returns = (advantages + values64).to(torch.float32)

@@ -76,8 +76,13 @@ def hista_values(
             keys = hidden[k0:k1].to(torch.float32)
             if key_scale is not None:
                 keys = keys * key_scale[k0:k1, None]
-            scores = queries @ keys.T + key_add[k0:k1]
-            usable = (q_group == group_of[k0:k1]) & (q_rollout != rollout[k0:k1])
+            scores = queries @ keys.T
+            # A -inf logit before the key term can only come from a non-finite hidden state (cosine
+            # logits are bounded by 1/temperature): make it NaN, so it is never a silent zero weight.
+            scores = scores.masked_fill_(scores == float("-inf"), float("nan")) + key_add[k0:k1]
+            # Masked keys (key_add -inf) leave K(i), so a NaN in their hidden state must not leak in.
+            usable = ((q_group == group_of[k0:k1]) & (q_rollout != rollout[k0:k1])
+                      & (key_add[k0:k1] != float("-inf")))
             scores = scores.masked_fill_(~usable, float("-inf"))
             new_max = torch.maximum(row_max, scores.amax(dim=1))
             # Rows with no usable key so far keep max -inf; shift them by 0 so exp() gives 0, not NaN.
@@ -85,9 +90,12 @@ def hista_values(
             weights = torch.exp(scores - shift[:, None])
             rescale = torch.exp(row_max - shift)
             denom = denom * rescale + weights.sum(dim=1)
-            numer = numer * rescale + weights @ ret[k0:k1]
+            # Only keys in K(i) contribute: a NaN return outside it must not leak in through 0 * NaN.
+            numer = numer * rescale + torch.where(usable, weights * ret[k0:k1], 0.0).sum(dim=1)
             row_max = new_max
-        has_keys = denom > 0
+        # denom is 0 exactly when K(i) is empty (or every key has weight 0); NaN (from a NaN/inf
+        # input of a key in K(i) or of the query) must stay NaN, never become empty_value.
+        has_keys = denom != 0
         values[q0:q1] = torch.where(has_keys, numer / torch.where(has_keys, denom, 1.0), values[q0:q1])
         lse[q0:q1] = torch.where(has_keys, row_max + torch.log(torch.where(has_keys, denom, 1.0)), lse[q0:q1])
     return values, lse

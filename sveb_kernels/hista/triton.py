@@ -34,16 +34,25 @@ allocator) and automatic warp specialization (Blackwell only in this Triton): ca
 second tuning round on Hopper once the sweep has numbers.
 
 Precision: bf16/fp16 products accumulate in fp32 on tensor cores; fp32 inputs use 3xTF32 (plain
-TF32 would miss the fp32 accuracy bound of docs/CONTRACT.md §1); fp64 inputs are computed in fp32.
+TF32 would miss the fp32 accuracy bound of docs/CONTRACT.md §1; bench/tf32_model.py models both, see
+docs/DESIGN.md "GPU readiness"); fp64 inputs are computed in fp32.
 
-Scheduling across groups of very different sizes: the host reads group_offsets (G+1 numbers), sorts
-the groups longest first and gives every work item one program; programs start in id order, so the
-largest items run first and the short ones fill the tail (longest-processing-time-first). A program
-finds its group by a binary search over the per-group item counts.
+Scheduling across groups of very different sizes: a few small device-side ops sort the groups
+longest first and number their work items (`build_schedule`); nothing is read back on the host, so
+the launch path never synchronises and CUDA-graph capture works. The host knows only a bound on the
+item count (from N and G), so the grid is persistent: min(bound, PROGRAMS_PER_SM * SMs) programs each
+take items pid, pid + P, ... up to the true count, which the schedule's sentinel row holds. Items run
+roughly in id order, so the largest run first and the short ones fill the tail
+(longest-processing-time-first). A program finds an item's group by a binary search over the
+per-group first item ids.
 
-Memory: O(N*D) inputs, O(N) per-token terms and outputs, plus 3 * max_splits * N floats of split
-partials (max_splits <= 16) when splits are used. Never [N, N]. Reading group_offsets on the host
-synchronises with the GPU once per call, as the reference does.
+Memory: O(N*D) inputs, O(N) per-token terms and outputs, plus 3 * S * N floats of split partials
+when splits are possible, S = min(max_splits, ceil(N / min_split_keys)) <= 16 (a bound: the true
+split counts live on the device). Never [N, N].
+
+Non-finite inputs (docs/DESIGN.md "GPU readiness"): a NaN/inf reaches exactly the rows whose key set
+holds it (or the row itself); such a row's sum of weights is NaN, which `_finish` keeps as NaN, never
+empty_value.
 """
 
 from __future__ import annotations
@@ -69,6 +78,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(math.log(2.0))
 _NEG_INF = tl.constexpr(float("-inf"))
+_NAN = tl.constexpr(float("nan"))
 # Columns of the per-group schedule table (int64 [G', 5]).
 _SCHED_COLS = tl.constexpr(5)
 
@@ -250,7 +260,7 @@ def _row_terms_kernel(hidden_ptr, key_mask_ptr, key_bias_ptr, q_scale_ptr, k_sca
 @triton.jit
 def _finish(m, l, a, empty_value):
     """(values, lse) from a row's base-2 max, sum of weights and weighted sum of returns."""
-    has_keys = l > 0
+    has_keys = l != 0  # NaN (a non-finite input the row depends on) stays NaN, never empty_value
     safe_l = tl.where(has_keys, l, 1.0)
     values = tl.where(has_keys, a / safe_l, empty_value)
     lse = tl.where(has_keys, (m + tl.log2(safe_l)) * _LN2, _NEG_INF)
@@ -275,126 +285,143 @@ def _hista_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_scale_ptr
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_Q: tl.constexpr,
                   HAS_K_SCALE: tl.constexpr, HAS_K_ADD: tl.constexpr, SINGLE_D_CHUNK: tl.constexpr,
                   EVEN_D: tl.constexpr, DIRECT_OUT: tl.constexpr, SKIP_EMPTY_TILES: tl.constexpr,
-                  UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr):
-    item = tl.program_id(0)
-    # The scheduled group holding this item: the last g with item_base[g] <= item.
-    lo = 0
-    hi = num_sched_groups - 1
-    for _ in range(loop_bound(search_steps)):
-        mid = (lo + hi + 1) // 2
-        right = tl.load(schedule_ptr + mid * _SCHED_COLS + 2) <= item
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid - 1)
-    entry = schedule_ptr + lo * _SCHED_COLS
-    g_start = tl.load(entry)
-    g_end = g_start + tl.load(entry + 1)
-    local = item - tl.load(entry + 2)
-    n_splits = tl.load(entry + 3)
-    split_len = tl.load(entry + 4)
+                  UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr,
+                  TWO_LEVEL: tl.constexpr = False):
+    # Persistent programs: the schedule is built on the device, so the host knows only a bound on the
+    # number of work items; each program takes items pid, pid + P, ... up to the true count, which
+    # the schedule's sentinel row holds (no host synchronisation, docs/DESIGN.md "GPU readiness").
+    total_items = tl.load(schedule_ptr + num_sched_groups * _SCHED_COLS + 2)
+    for item in range(loop_bound(tl.program_id(0).to(tl.int64)), loop_bound(total_items),
+                      loop_bound(tl.num_programs(0).to(tl.int64))):
+        # The scheduled group holding this item: the last g with item_base[g] <= item.
+        lo = 0
+        hi = num_sched_groups - 1
+        for _ in range(loop_bound(search_steps)):
+            mid = (lo + hi + 1) // 2
+            right = tl.load(schedule_ptr + mid * _SCHED_COLS + 2) <= item
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid - 1)
+        entry = schedule_ptr + lo * _SCHED_COLS
+        g_start = tl.load(entry)
+        g_end = g_start + tl.load(entry + 1)
+        local = item - tl.load(entry + 2)
+        n_splits = tl.load(entry + 3)
+        split_len = tl.load(entry + 4)
 
-    # Raster inside the group: blocks of GROUP_Q query tiles x all splits, split-major in a block.
-    q_tiles = tl.cdiv(g_end - g_start, BLOCK_M)
-    per_block = GROUP_Q * n_splits
-    q_block = local // per_block
-    in_block = local % per_block
-    tiles_here = tl.minimum(q_tiles - q_block * GROUP_Q, GROUP_Q)
-    split = in_block // tiles_here
-    q_tile = q_block * GROUP_Q + in_block % tiles_here
+        # Raster inside the group: blocks of GROUP_Q query tiles x all splits, split-major in a block.
+        q_tiles = tl.cdiv(g_end - g_start, BLOCK_M)
+        per_block = GROUP_Q * n_splits
+        q_block = local // per_block
+        in_block = local % per_block
+        tiles_here = tl.minimum(q_tiles - q_block * GROUP_Q, GROUP_Q)
+        split = in_block // tiles_here
+        q_tile = q_block * GROUP_Q + in_block % tiles_here
 
-    q_start = g_start + q_tile * BLOCK_M
-    rows = q_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < g_end
-    k_lo = g_start + split * split_len
-    k_hi = tl.minimum(k_lo + split_len, g_end)
+        q_start = g_start + q_tile * BLOCK_M
+        rows = q_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < g_end
+        k_lo = g_start + split * split_len
+        k_hi = tl.minimum(k_lo + split_len, g_end)
 
-    q_rollout = tl.load(rollout_ptr + rows, mask=row_ok, other=0)
-    q_scale = tl.load(q_scale_ptr + rows, mask=row_ok, other=0.0)
-    if SKIP_EMPTY_TILES:
-        # A query tile inside one rollout skips the key tiles of that same rollout (cheap 1-D test,
-        # nothing [BLOCK_M, BLOCK_N] stays live across the GEMM).
-        q_first = tl.load(rollout_ptr + q_start)
-        q_one_rollout = tl.min(tl.where(row_ok, q_rollout, q_first)) == tl.max(tl.where(row_ok, q_rollout, q_first))
-    # 64-bit tile base pointers (N*D may exceed 2^31) plus 32-bit in-tile offsets: 64-bit offset
-    # tensors would cost two registers per element for the whole key loop.
-    d_offs = tl.arange(0, BLOCK_D)
-    q_ptrs = (hidden_ptr + q_start * D) + (tl.arange(0, BLOCK_M)[:, None] * D + d_offs[None, :])
-    k_offs = tl.arange(0, BLOCK_N)[:, None] * D + d_offs[None, :]
-    if SINGLE_D_CHUNK:  # the whole query row block fits one chunk: load it once
-        q_resident = tl.load(q_ptrs, mask=row_ok[:, None] & (d_offs < D)[None, :], other=0.0)
-        if UPCAST_DOT:
-            q_resident = q_resident.to(tl.float32)
-
-    m_i = tl.full((BLOCK_M,), _NEG_INF, tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    a_i = tl.zeros((BLOCK_M,), tl.float32)
-    key_idx = tl.arange(0, BLOCK_N)
-    # FLATTEN fuses this loop with the D loop into one software-pipelined loop (loads of the next key
-    # tile overlap this tile's softmax), which needs a perfect loop nest: no tile skipping then.
-    for k0 in tl.range(loop_bound(k_lo), loop_bound(k_hi), BLOCK_N, flatten=FLATTEN):
-        # Column vectors live in the accumulator's layout (a quarter of the columns per thread):
-        # scalar tile bases + 32-bit offsets keep them from holding 64-bit pointers per element.
-        col_ok = key_idx < (k_hi - k0)
-        k_rollout_ptrs = (rollout_ptr + k0) + key_idx
-        k_add_ptrs = (k_add_ptr + k0) + key_idx
-        run_tile = True
+        q_rollout = tl.load(rollout_ptr + rows, mask=row_ok, other=0)
+        q_scale = tl.load(q_scale_ptr + rows, mask=row_ok, other=0.0)
         if SKIP_EMPTY_TILES:
-            # Loaded again after the GEMM: [BLOCK_N] vectors kept live across the D loop would cost
-            # a register per column in the accumulator's layout.
-            k_rollout = tl.load(k_rollout_ptrs, mask=col_ok, other=0)
-            key_ok = col_ok
-            if HAS_K_ADD:
-                key_ok = key_ok & (tl.load(k_add_ptrs, mask=col_ok, other=_NEG_INF) != _NEG_INF)
-            k_other = tl.where(key_ok, k_rollout, q_first)
-            own_rollout_only = q_one_rollout & (tl.min(k_other) == q_first) & (tl.max(k_other) == q_first)
-            run_tile = (tl.max(key_ok.to(tl.int32)) > 0) & (not own_rollout_only)
-        if run_tile:
-            k_ptrs = (hidden_ptr + k0 * D) + k_offs
-            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            if SINGLE_D_CHUNK:
-                k = tl.load(k_ptrs, mask=col_ok[:, None] & (d_offs < D)[None, :], other=0.0)
-                if UPCAST_DOT:
-                    k = k.to(tl.float32)
-                acc = tl.dot(q_resident, tl.trans(k), acc, input_precision=DOT_PRECISION)
-            else:
-                for d0 in range(0, loop_bound(D), BLOCK_D):
-                    if EVEN_D:
-                        q = tl.load(q_ptrs + d0, mask=row_ok[:, None], other=0.0)
-                        k = tl.load(k_ptrs + d0, mask=col_ok[:, None], other=0.0)
-                    else:
-                        d_ok = (d0 + d_offs) < D
-                        q = tl.load(q_ptrs + d0, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                        k = tl.load(k_ptrs + d0, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            # A query tile inside one rollout skips the key tiles of that same rollout (cheap 1-D test,
+            # nothing [BLOCK_M, BLOCK_N] stays live across the GEMM).
+            q_first = tl.load(rollout_ptr + q_start)
+            q_one_rollout = tl.min(tl.where(row_ok, q_rollout, q_first)) == tl.max(tl.where(row_ok, q_rollout, q_first))
+        # 64-bit tile base pointers (N*D may exceed 2^31) plus 32-bit in-tile offsets: 64-bit offset
+        # tensors would cost two registers per element for the whole key loop.
+        d_offs = tl.arange(0, BLOCK_D)
+        q_ptrs = (hidden_ptr + q_start * D) + (tl.arange(0, BLOCK_M)[:, None] * D + d_offs[None, :])
+        k_offs = tl.arange(0, BLOCK_N)[:, None] * D + d_offs[None, :]
+        if SINGLE_D_CHUNK:  # the whole query row block fits one chunk: load it once
+            q_resident = tl.load(q_ptrs, mask=row_ok[:, None] & (d_offs < D)[None, :], other=0.0)
+            if UPCAST_DOT:
+                q_resident = q_resident.to(tl.float32)
+
+        m_i = tl.full((BLOCK_M,), _NEG_INF, tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        a_i = tl.zeros((BLOCK_M,), tl.float32)
+        key_idx = tl.arange(0, BLOCK_N)
+        # FLATTEN fuses this loop with the D loop into one software-pipelined loop (loads of the next key
+        # tile overlap this tile's softmax), which needs a perfect loop nest: no tile skipping then.
+        for k0 in tl.range(loop_bound(k_lo), loop_bound(k_hi), BLOCK_N, flatten=FLATTEN):
+            # Column vectors live in the accumulator's layout (a quarter of the columns per thread):
+            # scalar tile bases + 32-bit offsets keep them from holding 64-bit pointers per element.
+            col_ok = key_idx < (k_hi - k0)
+            k_rollout_ptrs = (rollout_ptr + k0) + key_idx
+            k_add_ptrs = (k_add_ptr + k0) + key_idx
+            run_tile = True
+            if SKIP_EMPTY_TILES:
+                # Loaded again after the GEMM: [BLOCK_N] vectors kept live across the D loop would cost
+                # a register per column in the accumulator's layout.
+                k_rollout = tl.load(k_rollout_ptrs, mask=col_ok, other=0)
+                key_ok = col_ok
+                if HAS_K_ADD:
+                    key_ok = key_ok & (tl.load(k_add_ptrs, mask=col_ok, other=_NEG_INF) != _NEG_INF)
+                k_other = tl.where(key_ok, k_rollout, q_first)
+                own_rollout_only = q_one_rollout & (tl.min(k_other) == q_first) & (tl.max(k_other) == q_first)
+                run_tile = (tl.max(key_ok.to(tl.int32)) > 0) & (not own_rollout_only)
+            if run_tile:
+                k_ptrs = (hidden_ptr + k0 * D) + k_offs
+                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                if SINGLE_D_CHUNK:
+                    k = tl.load(k_ptrs, mask=col_ok[:, None] & (d_offs < D)[None, :], other=0.0)
                     if UPCAST_DOT:
-                        q = q.to(tl.float32)
                         k = k.to(tl.float32)
-                    acc = tl.dot(q, tl.trans(k), acc, input_precision=DOT_PRECISION)
+                    acc = tl.dot(q_resident, tl.trans(k), acc, input_precision=DOT_PRECISION)
+                else:
+                    for d0 in range(0, loop_bound(D), BLOCK_D):
+                        if EVEN_D:
+                            q = tl.load(q_ptrs + d0, mask=row_ok[:, None], other=0.0)
+                            k = tl.load(k_ptrs + d0, mask=col_ok[:, None], other=0.0)
+                        else:
+                            d_ok = (d0 + d_offs) < D
+                            q = tl.load(q_ptrs + d0, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                            k = tl.load(k_ptrs + d0, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                        if UPCAST_DOT:
+                            q = q.to(tl.float32)
+                            k = k.to(tl.float32)
+                        if TWO_LEVEL:
+                            # Each chunk into a fresh accumulator, then added: error ~ (BLOCK_D + D/BLOCK_D)
+                            # roundings instead of D (docs/DESIGN.md "GPU readiness": fp32 at D=4096).
+                            acc += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                        else:
+                            acc = tl.dot(q, tl.trans(k), acc, input_precision=DOT_PRECISION)
 
-            scores = acc * q_scale[:, None]
-            if HAS_K_SCALE:
-                scores = scores * tl.load((k_scale_ptr + k0) + key_idx, mask=col_ok, other=0.0)[None, :]
-            if HAS_K_ADD:  # -inf for masked keys
-                scores = scores + tl.load(k_add_ptrs, mask=col_ok, other=_NEG_INF)[None, :]
-            k_rollout = tl.load(k_rollout_ptrs, mask=col_ok, other=0)
-            usable = col_ok[None, :] & (q_rollout[:, None] != k_rollout[None, :])
-            scores = tl.where(usable, scores, _NEG_INF)
-            k_returns = tl.load((returns_ptr + k0) + key_idx, mask=col_ok, other=0.0)
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
-            p = tl.exp2(scores - shift[:, None])
-            rescale = tl.exp2(m_i - shift)
-            l_i = l_i * rescale + tl.sum(p, axis=1)
-            a_i = a_i * rescale + tl.sum(p * k_returns[None, :], axis=1)
-            m_i = m_new
+                scores = acc * q_scale[:, None]
+                if HAS_K_SCALE:
+                    scores = scores * tl.load((k_scale_ptr + k0) + key_idx, mask=col_ok, other=0.0)[None, :]
+                # Before the key term, -inf can only come from a non-finite hidden state: NaN, so that it
+                # poisons the row instead of being a silent zero weight (docs/DESIGN.md, "GPU readiness").
+                scores = tl.where(scores == _NEG_INF, _NAN, scores)
+                k_rollout = tl.load(k_rollout_ptrs, mask=col_ok, other=0)
+                usable = col_ok[None, :] & (q_rollout[:, None] != k_rollout[None, :])
+                if HAS_K_ADD:  # -inf for masked keys: they leave K(i), NaN hidden states included
+                    k_add = tl.load(k_add_ptrs, mask=col_ok, other=_NEG_INF)
+                    scores = scores + k_add[None, :]
+                    usable = usable & (k_add != _NEG_INF)[None, :]
+                scores = tl.where(usable, scores, _NEG_INF)
+                k_returns = tl.load((returns_ptr + k0) + key_idx, mask=col_ok, other=0.0)
+                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+                shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
+                p = tl.exp2(scores - shift[:, None])
+                rescale = tl.exp2(m_i - shift)
+                l_i = l_i * rescale + tl.sum(p, axis=1)
+                # Only keys add: 0 * a NaN return of a non-key (e.g. the row's own rollout) must not poison.
+                a_i = a_i * rescale + tl.sum(tl.where(usable, p * k_returns[None, :], 0.0), axis=1)
+                m_i = m_new
 
-    if DIRECT_OUT:
-        values, lse = _finish(m_i, l_i, a_i, empty_value)
-        tl.store(values_ptr + rows, values, mask=row_ok)
-        tl.store(lse_ptr + rows, lse, mask=row_ok)
-    else:
-        slot = split * N + rows
-        tl.store(part_m_ptr + slot, m_i, mask=row_ok)
-        tl.store(part_l_ptr + slot, l_i, mask=row_ok)
-        tl.store(part_a_ptr + slot, a_i, mask=row_ok)
+        if DIRECT_OUT:
+            values, lse = _finish(m_i, l_i, a_i, empty_value)
+            tl.store(values_ptr + rows, values, mask=row_ok)
+            tl.store(lse_ptr + rows, lse, mask=row_ok)
+        else:
+            slot = split * N + rows
+            tl.store(part_m_ptr + slot, m_i, mask=row_ok)
+            tl.store(part_l_ptr + slot, l_i, mask=row_ok)
+            tl.store(part_a_ptr + slot, a_i, mask=row_ok)
 
 
 @triton.jit
@@ -420,29 +447,53 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_a_ptr, values_ptr, lse_ptr, N, 
     tl.store(lse_ptr + rows, lse, mask=ok)
 
 
-def build_schedule(group_offsets: Tensor, cfg: HistaConfig) -> tuple[Tensor, int, int]:
-    """Per-group work table, longest group first: int64 [G', 5] rows of
-    (start, length, first item id, key splits, keys per split), the number of items, the most splits.
+def build_schedule(group_offsets: Tensor, cfg: HistaConfig, n: int) -> tuple[Tensor, int, int]:
+    """Per-group work table on group_offsets' device, built without reading it on the host (CUDA-graph
+    capture must work): int64 [G+1, 5] rows of (start, length, first item id, key splits, keys per
+    split), longest group first, then a sentinel row whose first-item column is the total number of
+    items. Also two host-side bounds from N and G alone: on the items (for the grid) and on the
+    splits of any group (for the partial buffers).
 
-    Groups of fewer than 2 tokens have no keys for anyone and are left out (their rows keep the
-    empty value). Cost: O(G) on the host.
+    Groups of fewer than 2 tokens have no keys for anyone and get no items (their rows keep the
+    empty value); they sort last. Cost: O(G log G) on the device, a few small kernels.
     """
-    offsets = group_offsets.detach().to("cpu", torch.int64)
+    offsets = group_offsets.detach().to(torch.int64)
+    num_groups = offsets.numel() - 1
     starts, lengths = offsets[:-1], offsets.diff()
-    keep = lengths > 1
-    starts, lengths = starts[keep], lengths[keep]
-    if lengths.numel() == 0:
-        return torch.zeros(0, 5, dtype=torch.int64), 0, 0
+    lengths = torch.where(lengths > 1, lengths, 0)
     order = torch.argsort(lengths, descending=True, stable=True)
     starts, lengths = starts[order], lengths[order]
-    splits = (-(-lengths // cfg.min_split_keys)).clamp(1, max(1, cfg.max_splits))
+    most = max(1, cfg.max_splits)
+    splits = (-(-lengths // cfg.min_split_keys)).clamp(1, most)
     split_len = -(-lengths // splits)
-    split_len = -(-split_len // cfg.block_n) * cfg.block_n  # whole key tiles per split
-    splits = -(-lengths // split_len)
+    split_len = (-(-split_len // cfg.block_n) * cfg.block_n).clamp_min(cfg.block_n)  # whole key tiles per split
+    splits = -(-lengths // split_len)  # 0 for the groups without items
     items = (-(-lengths // cfg.block_m)) * splits
     first_item = torch.cumsum(items, 0) - items
-    table = torch.stack([starts, lengths, first_item, splits, split_len], dim=1).contiguous()
-    return table, int(items.sum()), int(splits.max())
+    table = torch.stack([starts, lengths, first_item, splits, split_len], dim=1)
+    sentinel = torch.zeros(1, 5, dtype=torch.int64, device=offsets.device)
+    sentinel[0, 2] = items.sum()  # a device-side copy, not a host read
+    table = torch.cat([table, sentinel]).contiguous()
+    # A group of L tokens has ceil(L/BM) * s items with s <= min(S, ceil(L/K)) splits (S = max_splits,
+    # K = min_split_keys); summed over groups (L <= N) that is at most s_max*N/BM + N/K + G items.
+    split_bound = min(most, max(1, -(-n // cfg.min_split_keys)))
+    item_bound = -(-split_bound * n // cfg.block_m) + -(-n // cfg.min_split_keys) + num_groups
+    return table, item_bound, split_bound
+
+
+# Persistent programs per SM when the grid is cut to the GPU's size (several resident CTAs per SM
+# hide each other's pipeline fills; more only adds programs that loop once).
+PROGRAMS_PER_SM = 4
+# Under the interpreter a few programs loop over all items, so the tests exercise the loop.
+_INTERPRETER_PROGRAMS = 3
+
+
+def num_programs(item_bound: int, device: torch.device) -> int:
+    """Grid size: the item bound, cut to a few programs per SM (host-side device properties, cached)."""
+    if _INTERPRETED or device.type != "cuda":
+        return max(1, min(item_bound, _INTERPRETER_PROGRAMS))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(item_bound, PROGRAMS_PER_SM * sms))
 
 
 def kernel_constexprs(cfg: HistaConfig, dtype: torch.dtype, d: int, *, cosine: bool, has_k_add: bool,
@@ -452,7 +503,8 @@ def kernel_constexprs(cfg: HistaConfig, dtype: torch.dtype, d: int, *, cosine: b
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, GROUP_Q=cfg.group_q,
                 HAS_K_SCALE=cosine, HAS_K_ADD=has_k_add, SINGLE_D_CHUNK=d <= block_d, EVEN_D=d % block_d == 0,
                 DIRECT_OUT=direct, SKIP_EMPTY_TILES=cfg.skip_empty_tiles and not cfg.flatten, FLATTEN=cfg.flatten,
-                UPCAST_DOT=_INTERPRETED and dtype != torch.float32, DOT_PRECISION=_dot_precision(dtype))
+                UPCAST_DOT=_INTERPRETED and dtype != torch.float32, DOT_PRECISION=_dot_precision(dtype),
+                TWO_LEVEL=dtype == torch.float32)
 
 
 def _on_device(device: torch.device):
@@ -499,10 +551,10 @@ def _launch(hidden, returns, rollout_ids, group_offsets, temperature, similarity
         COSINE=cosine, HAS_MASK=key_mask is not None, HAS_BIAS=key_bias is not None,
         BLOCK_R=block_r, BLOCK_D=min(256, triton.next_power_of_2(d)), num_warps=4)
 
-    table, num_items, max_splits = build_schedule(group_offsets, cfg)
-    if num_items == 0:
+    table, item_bound, max_splits = build_schedule(group_offsets, cfg, n)
+    if item_bound == 0:
         return values, lse
-    table = table.to(device)
+    num_groups = table.shape[0] - 1
     direct = max_splits == 1
     if direct:
         part_m = part_l = part_a = values
@@ -510,9 +562,9 @@ def _launch(hidden, returns, rollout_ids, group_offsets, temperature, similarity
         part_m = torch.full((max_splits, n), float("-inf"), dtype=torch.float32, device=device)
         part_l = torch.zeros((max_splits, n), dtype=torch.float32, device=device)
         part_a = torch.zeros((max_splits, n), dtype=torch.float32, device=device)
-    _hista_kernel[(num_items,)](
+    _hista_kernel[(num_programs(item_bound, device),)](
         hidden, returns, rollout_ids, q_scale, k_scale, k_add,
-        table, table.shape[0], max(1, table.shape[0].bit_length()),
+        table, num_groups, max(1, num_groups.bit_length()),
         values, lse, part_m, part_l, part_a,
         n, d, float(empty_value),
         **kernel_constexprs(cfg, hidden.dtype, d, cosine=cosine, has_k_add=has_k_add, direct=direct),

@@ -298,6 +298,21 @@ def _sort_segments(*columns: Tensor) -> tuple[Tensor, Tensor]:
     return order, torch.cumsum(new.long(), 0) - 1
 
 
+def _sum_parts(ret: Tensor) -> Tensor:
+    """[n, 4] float64 (finite part, is NaN, is +inf, is -inf): sums of these stay exact under the
+    leave-one-out subtraction, where a plain sum would give NaN - NaN = NaN for a rollout's own row."""
+    return torch.stack([torch.where(torch.isfinite(ret), ret, 0.0), torch.isnan(ret).double(),
+                        (ret == float("inf")).double(), (ret == float("-inf")).double()], dim=1)
+
+
+def _sum_of_parts(parts: Tensor) -> Tensor:
+    """The IEEE sum the parts stand for: NaN if any NaN or both infinities, else +-inf, else finite."""
+    finite, nan, pos, neg = parts.unbind(-1)
+    out = torch.where(neg > 0, float("-inf"), finite)
+    out = torch.where(pos > 0, float("inf"), out)
+    return torch.where((nan > 0) | ((pos > 0) & (neg > 0)), float("nan"), out)
+
+
 def numca_values(end: Tensor, key: Tensor, returns: Tensor, group_index: Tensor, mask: Tensor, match: str,
                  leave_one_out: bool, min_support: int, empty_value: float) -> Tensor:
     batch, seq_len = mask.shape
@@ -308,9 +323,11 @@ def numca_values(end: Tensor, key: Tensor, returns: Tensor, group_index: Tensor,
     _, group = torch.unique(group_index, return_inverse=True)
     groups = int(group.max()) + 1 if batch else 0
     group_count = torch.bincount(group, minlength=groups)
-    group_sum = torch.zeros(groups, dtype=torch.float64, device=device).index_add_(0, group, ret)
+    # Sums as parts (see _sum_parts): a NaN/inf return reaches exactly the means that include it.
+    parts = _sum_parts(ret)
+    group_sum = torch.zeros(groups, 4, dtype=torch.float64, device=device).index_add_(0, group, parts)
     peer_count = group_count[group] - loo
-    peer_sum = group_sum[group] - loo * ret
+    peer_sum = _sum_of_parts(group_sum[group] - loo * parts)
     baseline = torch.where(peer_count > 0, peer_sum / peer_count.clamp(min=1).double(),
                            torch.full_like(peer_sum, float(empty_value)))
 
@@ -346,12 +363,12 @@ def numca_values(end: Tensor, key: Tensor, returns: Tensor, group_index: Tensor,
     sorted_row = number_row[order]
     support = torch.zeros(pairs, dtype=torch.int64, device=device).index_add_(
         0, pair[distinct], torch.ones_like(pair[distinct]))
-    support_sum = torch.zeros(pairs, dtype=torch.float64, device=device).index_add_(
-        0, pair[distinct], ret[sorted_row[distinct]])
+    support_sum = torch.zeros(pairs, 4, dtype=torch.float64, device=device).index_add_(
+        0, pair[distinct], parts[sorted_row[distinct]])
     number_pair = torch.empty_like(pair)
     number_pair[order] = pair
     s_count = support[number_pair] - loo  # b itself always holds its own milestone
-    s_sum = support_sum[number_pair] - loo * ret[number_row]
+    s_sum = _sum_of_parts(support_sum[number_pair] - loo * parts[number_row])
     enough = s_count >= min_support
     milestone = s_sum / s_count.clamp(min=1).double()
 

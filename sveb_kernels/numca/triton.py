@@ -22,6 +22,8 @@ the last supported number).
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from typing import Optional
 
@@ -385,6 +387,11 @@ def _powers_of_ten() -> list[float]:
     return out
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device (and its current stream): make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     if device not in _TABLES:
         _TABLES[device] = (torch.tensor(FWD_DELTA.reshape(-1), dtype=torch.int8, device=device),
@@ -414,13 +421,14 @@ def numeric_spans(token_ids: Tensor, table: Tensor, mask: Optional[Tensor], *, b
     carries = torch.empty(batch, chunks, dtype=torch.int32, device=device)
     width = table.shape[1] - _vocab.COL_CLASSES
     fdelta, bdelta, powers = _tables(device)
-    _spans_kernel[(batch,)](
-        ids, mask_arg, table, fdelta, bdelta, powers, carries, end, key, value, start,
-        length, table.shape[0], chunks,
-        COLS=table.shape[1], WIDTH=width, WP=triton.next_power_of_2(width), HAS_MASK=has_mask, BLOCK_T=block_t,
-        num_warps=4 if block_t <= 512 else 8,
-        enable_fp_fusion=False,  # the double-double value correction needs plain products
-    )
+    with _on_device(device):
+        _spans_kernel[(batch,)](
+            ids, mask_arg, table, fdelta, bdelta, powers, carries, end, key, value, start,
+            length, table.shape[0], chunks,
+            COLS=table.shape[1], WIDTH=width, WP=triton.next_power_of_2(width), HAS_MASK=has_mask, BLOCK_T=block_t,
+            num_warps=4 if block_t <= 512 else 8,
+            enable_fp_fusion=False,  # the double-double value correction needs plain products
+        )
     return end.view(torch.bool), key, value, start
 
 
@@ -502,7 +510,9 @@ def numca_values(end: Tensor, key: Tensor, returns: Tensor, group_index: Tensor,
     out = torch.empty(batch, length, dtype=torch.float32, device=device)
     if batch == 0 or length == 0:
         return out
-    valid = end.to(torch.bool) & mask.to(torch.bool)
+    # contiguous(): `&` keeps the inputs' strides (column-major in, column-major out), and the kernel
+    # reads it row-major (docs/DESIGN.md, "GPU readiness": strided inputs).
+    valid = (end.to(torch.bool) & mask.to(torch.bool)).contiguous()
     key = key.to(torch.int64)
     ret = returns.to(torch.float64).contiguous()
     # Groups without host syncs: rows sorted by group; a row's peers are a range of that order.
@@ -510,10 +520,15 @@ def numca_values(end: Tensor, key: Tensor, returns: Tensor, group_index: Tensor,
     sorted_group = group_index[order].contiguous()
     lo = torch.searchsorted(sorted_group, group_index.contiguous(), right=False)
     hi = torch.searchsorted(sorted_group, group_index.contiguous(), right=True)
-    csum = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), torch.cumsum(ret[order], 0)])
+    # Prefix sums as (finite part, NaN/inf counts): a NaN/inf return reaches exactly the means that
+    # include it, not every later group through the running sum, nor its own row through NaN - NaN.
+    from .reference import _sum_of_parts, _sum_parts
+
+    parts = _sum_parts(ret)
+    csum = torch.cat([torch.zeros(1, 4, dtype=torch.float64, device=device), torch.cumsum(parts[order], 0)])
     loo = 1 if leave_one_out else 0
     peer_count = hi - lo - loo
-    peer_sum = csum[hi] - csum[lo] - loo * ret
+    peer_sum = _sum_of_parts(csum[hi] - csum[lo] - loo * parts)
     baseline = torch.where(peer_count > 0, peer_sum / peer_count.clamp(min=1).double(),
                            torch.full_like(peer_sum, float(empty_value)))
     count = valid.sum(1, dtype=torch.int32)
@@ -535,11 +550,12 @@ def numca_values(end: Tensor, key: Tensor, returns: Tensor, group_index: Tensor,
         sorted_keys = torch.sort(torch.where(valid, key, torch.full_like(key, torch.iinfo(torch.int64).max)), 1).values
     if block_t is None:
         block_t = 64 if _INTERPRETED else min(GPU_MAX_BLOCK_T, triton.next_power_of_2(length))
-    _values_kernel[(batch,)](
-        valid.view(torch.uint8), mask.to(torch.bool).contiguous().view(torch.uint8), key.contiguous(),
-        sorted_keys.contiguous(), count, h1.contiguous(), h2.contiguous(), ret, order, lo, hi, baseline, out,
-        length, loo, min(min_support, batch + 1),  # support <= batch: the same test, an int32 argument
-        PREFIX=prefix, SEARCH_STEPS=max(1, int(length).bit_length()), BLOCK_T=max(16, block_t),
-        num_warps=4 if block_t <= 512 else 8,
-    )
+    with _on_device(device):
+        _values_kernel[(batch,)](
+            valid.view(torch.uint8), mask.to(torch.bool).contiguous().view(torch.uint8), key.contiguous(),
+            sorted_keys.contiguous(), count, h1.contiguous(), h2.contiguous(), ret, order, lo, hi, baseline, out,
+            length, loo, min(min_support, batch + 1),  # support <= batch: the same test, an int32 argument
+            PREFIX=prefix, SEARCH_STEPS=max(1, int(length).bit_length()), BLOCK_T=max(16, block_t),
+            num_warps=4 if block_t <= 512 else 8,
+        )
     return out

@@ -145,3 +145,14 @@ def test_gpu_block_size_under_interpreter(seed):
     rewards, values = torch.randn(2, 2500), torch.randn(2, 2500)
     mask = torch.rand(2, 2500) > 0.1
     check(rewards, values, mask, 0.99, 0.95, block_t=gae_triton.GPU_MAX_BLOCK_T)
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.8), (0.0, 0.5)])
+def test_nonfinite_inputs_poison_exactly_their_dependents(seed, poison, gamma, lam):
+    from nonfinite_cases import check_gae_nonfinite, gae_poison_case
+
+    clean, poisoned, bad = gae_poison_case(poison, length=45)
+    from sveb_kernels.gae import triton as gae_triton
+    out = gae_triton.gae(*[t.to(DEVICE) for t in poisoned], gamma, lam, block_t=16)  # several blocks per row
+    check_gae_nonfinite(out, clean, bad, gamma, lam, poison)

@@ -85,28 +85,47 @@ def test_groups_of_very_different_sizes_with_key_splits(seed):
                     min_split_keys=64, max_splits=4)
     for cfg in (small, replace(small, max_splits=1), replace(small, skip_empty_tiles=False),
                 replace(small, flatten=True), replace(small, group_q=1, min_split_keys=32, max_splits=16)):
-        table, items, most = kernels().build_schedule(offsets, cfg)
+        table, items, most = kernels().build_schedule(offsets, cfg, hidden.shape[0])
         assert (most > 1) == (cfg.max_splits > 1)
         out = run(hidden, returns, rollout_ids, offsets, config=cfg, temperature=0.2, key_bias=key_bias)
         assert_close_fp32(out, hidden, returns, rollout_ids, offsets, temperature=0.2, key_bias=key_bias)
 
 
-def test_schedule_covers_every_group_once():
+@pytest.mark.parametrize("lengths", [[0, 1, 2, 31, 32, 33, 300, 64, 1000, 5], [1, 0, 1], [7]])
+def test_schedule_covers_every_group_once(lengths):
     cfg = replace(kernels().INTERPRETER_CONFIG, block_m=32, block_n=32, min_split_keys=64, max_splits=4)
-    lengths = [0, 1, 2, 31, 32, 33, 300, 64, 1000, 5]
     offsets = torch.tensor([0] + lengths).cumsum(0)
-    table, items, most = kernels().build_schedule(offsets, cfg)
-    starts, lens, first, splits, split_len = table.T.tolist()
-    # groups of < 2 tokens have no keys and are left out; the rest once each, longest first
-    assert sorted(zip(starts, lens)) == sorted((int(offsets[g]), n) for g, n in enumerate(lengths) if n > 1)
+    n = int(offsets[-1])
+    table, item_bound, split_bound = kernels().build_schedule(offsets.to(DEVICE), cfg, n)
+    assert table.device.type == DEVICE and table.shape == (len(lengths) + 1, 5)
+    starts, lens, first, splits, split_len = table[:-1].cpu().T.tolist()
+    total = int(table[-1, 2])
+    # groups of < 2 tokens have no items and sort last; the rest once each, longest first
+    kept = [(s, n_) for s, n_, k in zip(starts, lens, splits) if k > 0]
+    assert sorted(kept) == sorted((int(offsets[g]), n_) for g, n_ in enumerate(lengths) if n_ > 1)
     assert lens == sorted(lens, reverse=True)
     expected_first = 0
-    for n, f, s, sl in zip(lens, first, splits, split_len):
+    for n_, f, s, sl in zip(lens, first, splits, split_len):
         assert f == expected_first
-        assert sl % cfg.block_n == 0 and 1 <= s <= cfg.max_splits
-        assert (s - 1) * sl < n <= s * sl  # the splits cover the keys, none is empty
-        expected_first += -(-n // cfg.block_m) * s
-    assert items == expected_first and most == max(splits)
+        if n_ == 0:
+            assert s == 0
+            continue
+        assert sl % cfg.block_n == 0 and 1 <= s <= min(cfg.max_splits, split_bound)
+        assert (s - 1) * sl < n_ <= s * sl  # the splits cover the keys, none is empty
+        expected_first += -(-n_ // cfg.block_m) * s
+    assert total == expected_first <= item_bound
+
+
+def test_schedule_bounds_hold_for_random_groups(seed):
+    """The host-side bounds (grid and partial buffers), computed from N and G alone, are never exceeded."""
+    for _ in range(200):
+        cfg = replace(kernels().INTERPRETER_CONFIG, block_m=int(2 ** torch.randint(4, 8, ())),
+                      block_n=int(2 ** torch.randint(4, 8, ())), min_split_keys=int(torch.randint(1, 300, ())),
+                      max_splits=int(torch.randint(1, 20, ())))
+        lengths = torch.randint(0, int(torch.randint(1, 3000, ())), (int(torch.randint(1, 40, ())),))
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+        table, item_bound, split_bound = kernels().build_schedule(offsets, cfg, int(offsets[-1]))
+        assert int(table[-1, 2]) <= item_bound and int(table[:-1, 3].max()) <= split_bound
 
 
 def test_single_rollout_and_tiny_groups(seed):
@@ -300,3 +319,20 @@ def test_gpu_64k_group_memory_is_linear(seed):
     want = torch.softmax(scores, dim=1) @ returns.double()
     # The truth starts from the same bf16 numbers, so only fp32 accumulation separates the two.
     assert (out.values[rows].double() - want).abs().max() <= 1e-3 * returns.abs().max()
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+@pytest.mark.parametrize("splits", [False, True], ids=["direct", "split"])
+def test_nonfinite_inputs_poison_exactly_their_dependents(seed, poison, similarity, splits):
+    """docs/CONTRACT.md "Common rules": NaN/inf inputs give NaN/inf in the outputs that depend on them
+    (never empty_value), and leave the other outputs as the oracle says (nonfinite_cases.py)."""
+    from nonfinite_cases import check_hista_nonfinite, hista_poison_case
+
+    clean, poisoned, bad_values, bad_lse = hista_poison_case(poison)
+    config = replace(kernels().INTERPRETER_CONFIG, min_split_keys=8 if splits else 1 << 20)
+    kw = {k: v for k, v in poisoned.items() if k not in ("hidden", "returns", "rollout_ids", "group_offsets")}
+    out = run(poisoned["hidden"], poisoned["returns"], poisoned["rollout_ids"], poisoned["group_offsets"],
+              config=config, similarity=similarity, **kw)
+    clean["similarity"] = similarity
+    check_hista_nonfinite(out, clean, bad_values, bad_lse, poison)

@@ -180,3 +180,16 @@ def test_trainer_sized_batch_matches_reference(seed, family):
         a = sk.numca_values(got, returns, groups, mask, match=match, backend="triton")
         b = sk.numca_values(got, returns, groups, mask, match=match, backend="reference")
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("match,min_support", [("last", 1), ("prefix", 1), ("last", 2)])
+def test_values_nonfinite_returns_poison_exactly_their_dependents(seed, poison, match, min_support):
+    """docs/CONTRACT.md "Common rules" (tests/nonfinite_cases.py)."""
+    from nonfinite_cases import check_numca_nonfinite, numca_poison_case
+
+    clean, poisoned, bad = numca_poison_case(poison, match=match, min_support=min_support)
+    args = {k: tuple(None if t is None else t.to(DEVICE) for t in v) if k == "spans" else
+            v.to(DEVICE) if torch.is_tensor(v) else v for k, v in poisoned.items()}
+    out = sk.numca_values(**args, backend="triton")
+    check_numca_nonfinite(out, clean, bad, poison)
