@@ -9,6 +9,7 @@ configs must use tensor cores and must not spill registers.
 
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +162,16 @@ def test_sweep_offers_only_configs_that_fit_compiled(arch, dtype):
         fits = kernel.metadata.shared <= SMEM[arch] and spilled_bytes(kernel) == 0
         assert (cfg in offered) == fits, (cfg, kernel.metadata.shared, spilled_bytes(kernel))
     assert not any((c.block_m, c.block_n, c.block_d) == (128, 256, 64) for c in offered if dtype == torch.float32)
+
+
+def test_spans_kernel_orders_carry_stores_before_their_loads():
+    """Pass 1 of the Numca spans kernel stores each chunk's carry from one thread; pass 2 reads it in
+    every thread. Only a barrier between them orders the two (the interpreter runs one thread and
+    cannot show the race), so the barrier is checked in the source."""
+    source = (Path(__file__).resolve().parents[1] / "sveb_kernels" / "numca" / "triton.py").read_text()
+    kernel = source[source.index("def _spans_kernel("):]
+    kernel = kernel[:kernel.index("\n@triton.jit") if "\n@triton.jit" in kernel else len(kernel)]
+    last_store = kernel.rindex("tl.store(carry_ptr")
+    first_load = kernel.index("tl.load(carry_ptr")
+    assert last_store < first_load
+    assert "tl.debug_barrier()" in kernel[last_store:first_load]

@@ -180,6 +180,9 @@ def _spans_kernel(ids_ptr, mask_ptr, table_ptr, fdelta_ptr, bdelta_ptr, pow_ptr,
         comp = tl.sum(tl.where(lane == 0, whole, 0), axis=0)
         carry_b = (comp >> (3 * carry_b)) & 7
         tl.store(carry_ptr + row * n_chunks + c - 1, carry_b.to(tl.int32))
+    # A scalar store is done by one thread and pass 2 reads it back in every thread: without a
+    # barrier, nothing orders the store before those loads.
+    tl.debug_barrier()
 
     # ---- pass 2 ---------------------------------------------------------------------------------------
     carry_f = tl.zeros((), tl.int64)  # FWD_O: the start of the row
