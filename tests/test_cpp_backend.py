@@ -70,9 +70,10 @@ def test_numca_identical_for_any_thread_count(seed):
         assert torch.equal(values[0], values[1])
 
 
-@pytest.mark.parametrize("query_block,key_block", [(1, 1), (3, 5), (16, 7), (1000, 1000)])
+@pytest.mark.parametrize("query_block,key_block", [(1, 0), (3, 0), (16, 0), (1, 1), (3, 5), (16, 7), (1000, 1000)])
 def test_hista_blocks_cross_rollouts(seed, query_block, key_block):
-    """Tiny blocks force many query blocks per group and the online softmax across many key blocks."""
+    """Tiny blocks: many block pairs per group (key_block 0), or every group streaming its keys in many
+    steps through the online softmax (key_block > 0)."""
     hidden, returns, rollout_ids, offsets = make_batch(random_groups(4, 4, 11) + [[30, 25, 41]], 19)
     key_bias = torch.randn(hidden.shape[0])
     values, lse = torch.ops.sveb._cpp_hista_values(hidden, returns, rollout_ids, offsets, 0.2, "cosine", None,

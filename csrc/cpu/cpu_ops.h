@@ -38,7 +38,8 @@ at::Tensor numca_values(const at::Tensor& end, const at::Tensor& key, const at::
                         const at::Tensor& group_index, const at::Tensor& mask, const std::string& match,
                         bool leave_one_out, int64_t min_support, double empty_value);
 
-// query_block: queries per GEMM block (0 = automatic); a tuning and testing knob.
+// query_block: tokens per block (0 = automatic); key_block > 0 makes every group stream its keys in
+// steps of that many (0 = only groups too large for the symmetric scheme stream): testing/tuning knobs.
 std::tuple<at::Tensor, at::Tensor> hista_values(const at::Tensor& hidden, const at::Tensor& returns,
                                                 const at::Tensor& rollout_ids, const at::Tensor& group_offsets,
                                                 double temperature, std::string_view similarity,

@@ -28,8 +28,10 @@ namespace cpu {
 namespace {
 
 constexpr float kEps = 1e-6f;
-constexpr int64_t kQueryBlock = 128;
-constexpr int64_t kKeyBlock = 2048;
+constexpr int64_t kQueryBlock = 128;      // tokens a block (symmetric pairs) or a query block (streaming)
+constexpr int64_t kKeyBlock = 2048;       // keys a step when streaming
+constexpr int64_t kMaxBlocks = 64;        // blocks a group at most in the symmetric scheme
+constexpr int64_t kMaxSymmetricBlock = 512;  // beyond 64 * 512 tokens a group streams
 constexpr int kAcc = 16;  // partial sums per reduction: a fixed order, and room for the compiler's SIMD
 
 // exp(x) for x <= 0 (and NaN), within ~2 ulp: Cody-Waite reduction and the Cephes polynomial, written
@@ -67,15 +69,16 @@ struct Inputs {
   int64_t dim;
 };
 
-struct RowState {
+// Softmax statistics of one query row over some keys: max score, sum of exp(s - max), and of that
+// times returns. `any`: some usable key among them.
+struct Stats {
   float max = -INFINITY, denom = 0.0f, numer = 0.0f;
-  bool any = false;  // some usable key seen
+  bool any = false;
 };
 
-// Scores of query i against keys [k0, k1) (raw products in `row`, overwritten with the weights),
-// folded into the row's online softmax.
-void epilogue_row(const Inputs& in, int64_t i, int64_t k0, int64_t k1, float* row, RowState& st) {
-  const int64_t count = k1 - k0;
+// Statistics of query i over keys [k0, k0 + count), from the raw products <h_i, h_j> in `row`
+// (overwritten).
+Stats row_block(const Inputs& in, int64_t i, int64_t k0, int64_t count, float* row) {
   const float qs = in.query_scale[i];
   const int64_t rid = in.rollout[i];
   const float* ks = in.key_scale + k0;
@@ -91,9 +94,11 @@ void epilogue_row(const Inputs& in, int64_t i, int64_t k0, int64_t k1, float* ro
     any |= usable;
     nan |= s != s;
   }
-  if (!any) return;
-  const float new_max = nan ? NAN : (block_max > st.max ? block_max : st.max);
-  for (int64_t j = 0; j < count; ++j) row[j] = exp_nonpositive(row[j] - new_max);
+  Stats out;
+  if (!any) return out;
+  out.any = true;
+  out.max = nan ? NAN : block_max;
+  for (int64_t j = 0; j < count; ++j) row[j] = exp_nonpositive(row[j] - out.max);
   float dsum[kAcc] = {}, nsum[kAcc] = {};
   const float* r = in.returns + k0;
   int64_t j = 0;
@@ -107,17 +112,46 @@ void epilogue_row(const Inputs& in, int64_t i, int64_t k0, int64_t k1, float* ro
     dsum[k] += row[j];
     nsum[k] += row[j] * r[j];
   }
-  float d = 0.0f, nu = 0.0f;
   for (int k = 0; k < kAcc; ++k) {
-    d += dsum[k];
-    nu += nsum[k];
+    out.denom += dsum[k];
+    out.numer += nsum[k];
   }
-  const float rescale = st.any ? exp_nonpositive(st.max - new_max) : 0.0f;
-  st.denom = st.denom * rescale + d;
-  st.numer = st.numer * rescale + nu;
-  st.max = new_max;
-  st.any = true;
+  return out;
 }
+
+// The online softmax's step: `st` becomes the statistics over its keys and b's.
+void merge(Stats& st, const Stats& b) {
+  if (!b.any) return;
+  if (!st.any) {
+    st = b;
+    return;
+  }
+  const bool nan = st.max != st.max || b.max != b.max;
+  const float m = nan ? NAN : (st.max > b.max ? st.max : b.max);
+  const float sa = exp_nonpositive(st.max - m), sb = exp_nonpositive(b.max - m);
+  st.denom = st.denom * sa + b.denom * sb;
+  st.numer = st.numer * sa + b.numer * sb;
+  st.max = m;
+}
+
+// Work items. A group of up to kMaxBlocks blocks of `block` tokens is done as the pairs of blocks
+// (I <= J) of its symmetric product matrix: one GEMM serves the queries of I against the keys of J
+// and, transposed, those of J against I, so about half the products of a full matrix are computed.
+// The per-(row, key block) statistics go to a buffer of n_g * blocks entries (O(N): blocks is bounded)
+// and are merged in key-block order afterwards, so the result does not depend on which thread did
+// which pair. Larger groups stream: a query block against the group's keys, key block by key block.
+struct Item {
+  int64_t group;
+  int64_t a0, a1;  // pair: rows of block I; stream: the query block
+  int64_t b0, b1;  // pair: rows of block J (== I on the diagonal); stream: unused
+  int64_t block_i, block_j;
+  bool stream;
+};
+
+struct GroupPlan {
+  int64_t block = 0, blocks = 0;  // blocks == 0: the group streams
+  int64_t stats_base = 0;         // first entry of its rows' statistics
+};
 
 void check_hista_args(const at::Tensor& hidden, const at::Tensor& returns, const at::Tensor& rollout_ids,
                       const at::Tensor& group_offsets, double temperature, std::string_view similarity,
@@ -208,42 +242,98 @@ std::tuple<at::Tensor, at::Tensor> hista_values(const at::Tensor& hidden, const 
   const int64_t bq = query_block > 0 ? query_block : kQueryBlock;
   const int64_t bk = key_block > 0 ? key_block : kKeyBlock;
 
-  // Work items: (group, query block).
-  std::vector<int64_t> item_group, item_start;
-  int64_t total_work = 0;
+  std::vector<GroupPlan> plans(static_cast<size_t>(groups));
+  std::vector<Item> items;
+  int64_t stats_entries = 0, total_work = 0;
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t size = offsets[g + 1] - offsets[g];
-    for (int64_t q0 = offsets[g]; q0 < offsets[g + 1]; q0 += bq) {
-      item_group.push_back(g);
-      item_start.push_back(q0);
-      total_work += std::min(bq, offsets[g + 1] - q0) * size * dim;
+    const int64_t lo = offsets[g], hi = offsets[g + 1], size = hi - lo;
+    if (size == 0) continue;
+    total_work += size * size * dim;
+    // Blocks of at least bq tokens, at most kMaxBlocks of them (rounded to 64 tokens when grown).
+    int64_t block = bq;
+    if ((size + block - 1) / block > kMaxBlocks) block = ((size + kMaxBlocks - 1) / kMaxBlocks + 63) / 64 * 64;
+    // Too large a buffer: stream instead. key_block > 0 (tests, tuning) makes every group stream.
+    if (key_block > 0 || block > kMaxSymmetricBlock) block = 0;
+    if (block > 0) {
+      GroupPlan& plan = plans[g];
+      plan.block = block;
+      plan.blocks = (size + block - 1) / block;
+      plan.stats_base = stats_entries;
+      stats_entries += size * plan.blocks;
+      for (int64_t bi = 0; bi < plan.blocks; ++bi) {
+        for (int64_t bj = bi; bj < plan.blocks; ++bj) {
+          items.push_back({g, lo + bi * block, std::min(lo + (bi + 1) * block, hi), lo + bj * block,
+                           std::min(lo + (bj + 1) * block, hi), bi, bj, false});
+        }
+      }
+    } else {
+      for (int64_t q0 = lo; q0 < hi; q0 += bq) {
+        items.push_back({g, q0, std::min(q0 + bq, hi), 0, 0, 0, 0, true});
+      }
     }
   }
-  const int64_t items = static_cast<int64_t>(item_group.size());
+  std::vector<Stats> stats(static_cast<size_t>(stats_entries));
+  const int64_t num_items = static_cast<int64_t>(items.size());
   float* out_values = values.data_ptr<float>();
   float* out_lse = lse.data_ptr<float>();
   const float empty = static_cast<float>(empty_value);
-  at::parallel_for(0, items, grain_for(total_work / std::max<int64_t>(items, 1)), [&](int64_t begin, int64_t end) {
-    at::Tensor buffer;
-    std::vector<RowState> states;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t g = item_group[item];
-      const int64_t q0 = item_start[item], q1 = std::min(q0 + bq, offsets[g + 1]);
-      const int64_t lo = offsets[g], hi = offsets[g + 1];
-      states.assign(static_cast<size_t>(q1 - q0), RowState{});
-      const at::Tensor queries = h.narrow(0, q0, q1 - q0);
-      for (int64_t k0 = lo; k0 < hi; k0 += bk) {
-        const int64_t k1 = std::min(k0 + bk, hi);
-        if (!buffer.defined() || buffer.numel() < (q1 - q0) * (k1 - k0)) buffer = at::empty({bq * std::min(bk, hi - lo)}, f32);
-        at::Tensor products = buffer.narrow(0, 0, (q1 - q0) * (k1 - k0)).view({q1 - q0, k1 - k0});
-        at::mm_out(products, queries, h.narrow(0, k0, k1 - k0).t());
-        float* p = products.data_ptr<float>();
-        for (int64_t i = q0; i < q1; ++i) epilogue_row(in, i, k0, k1, p + (i - q0) * (k1 - k0), states[i - q0]);
+  auto finish = [&](int64_t i, const Stats& st) {
+    out_values[i] = st.any ? st.numer / st.denom : empty;
+    out_lse[i] = st.any ? st.max + std::log(st.denom) : -INFINITY;
+  };
+  at::parallel_for(0, num_items, grain_for(total_work / std::max<int64_t>(num_items, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer, transposed;
+    for (int64_t index = begin; index < end; ++index) {
+      const Item& it = items[index];
+      const int64_t lo = offsets[it.group], hi = offsets[it.group + 1];
+      if (it.stream) {
+        std::vector<Stats> row_stats(static_cast<size_t>(it.a1 - it.a0));
+        const at::Tensor queries = h.narrow(0, it.a0, it.a1 - it.a0);
+        for (int64_t k0 = lo; k0 < hi; k0 += bk) {
+          const int64_t k1 = std::min(k0 + bk, hi), rows = it.a1 - it.a0, cols = k1 - k0;
+          buffer.resize(static_cast<size_t>(rows * cols));
+          at::Tensor products = at::from_blob(buffer.data(), {rows, cols}, f32);
+          at::mm_out(products, queries, h.narrow(0, k0, cols).t());
+          for (int64_t i = it.a0; i < it.a1; ++i) {
+            merge(row_stats[i - it.a0], row_block(in, i, k0, cols, buffer.data() + (i - it.a0) * cols));
+          }
+        }
+        for (int64_t i = it.a0; i < it.a1; ++i) finish(i, row_stats[i - it.a0]);
+        continue;
       }
-      for (int64_t i = q0; i < q1; ++i) {
-        const RowState& st = states[i - q0];
-        out_values[i] = st.any ? st.numer / st.denom : empty;
-        out_lse[i] = st.any ? st.max + std::log(st.denom) : -INFINITY;
+      const GroupPlan& plan = plans[it.group];
+      const int64_t rows = it.a1 - it.a0, cols = it.b1 - it.b0;
+      buffer.resize(static_cast<size_t>(rows * cols));
+      at::Tensor products = at::from_blob(buffer.data(), {rows, cols}, f32);
+      at::mm_out(products, h.narrow(0, it.a0, rows), h.narrow(0, it.b0, cols).t());
+      if (it.block_i != it.block_j) {  // the transpose serves block J's queries against block I's keys
+        transposed.resize(static_cast<size_t>(rows * cols));
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t c = 0; c < cols; ++c) transposed[c * rows + r] = buffer[r * cols + c];
+        }
+        for (int64_t c = 0; c < cols; ++c) {
+          const int64_t i = it.b0 + c;
+          stats[plan.stats_base + (i - lo) * plan.blocks + it.block_i] =
+              row_block(in, i, it.a0, rows, transposed.data() + c * rows);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = it.a0 + r;
+        stats[plan.stats_base + (i - lo) * plan.blocks + it.block_j] = row_block(in, i, it.b0, cols,
+                                                                                 buffer.data() + r * cols);
+      }
+    }
+  });
+  // Merge each row's per-key-block statistics in key-block order.
+  at::parallel_for(0, groups, grain_for(n / std::max<int64_t>(groups, 1) * 8), [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const GroupPlan& plan = plans[g];
+      if (plan.blocks == 0) continue;
+      for (int64_t i = offsets[g]; i < offsets[g + 1]; ++i) {
+        const Stats* row = stats.data() + plan.stats_base + (i - offsets[g]) * plan.blocks;
+        Stats st;
+        for (int64_t b = 0; b < plan.blocks; ++b) merge(st, row[b]);
+        finish(i, st);
       }
     }
   });

@@ -1,11 +1,10 @@
 // Numca on CPU (docs/CONTRACT.md §2b, §2c).
 //
-// numeric_spans: one thread walks a row with the shared grammar (numeric_grammar.h). Two passes over
-// the row's tokens: right to left, the backward automaton's state after each token from the vocab
-// table's per-token transition vectors (one lookup a token); left to right, the forward automaton,
-// again one lookup for a token without digits, and class by class (with the backward states inside
-// the token) only for tokens with a digit or inside a number, where numbers start, end, and get
-// their canonical hash and value. Rows in parallel.
+// numeric_spans: one thread walks a row with the shared grammar (numeric_grammar.h), left to right:
+// one lookup of the vocab table's per-token forward transition for a token without digits outside a
+// number; class by class only for tokens with a digit or inside a number, where numbers start, end,
+// and get their canonical hash and value. There the backward automaton's states come from the
+// token's classes and the next 5 classes of the row (all it ever depends on). Rows in parallel.
 //
 // numca_values: rows grouped on the host; per group, the (key, row) pairs of its numbers sorted, so
 // "which peers wrote key k" is one binary search (match="last"); per row and peer, the length of
@@ -44,6 +43,8 @@ void on_cpu(const char* op, const char* name, const at::Tensor& t) {
 
 // ---- numeric_spans ---------------------------------------------------------------------------------
 
+constexpr int kLookahead = 5;
+
 struct SpansRow {
   const int64_t* table;
   int64_t vocab, cols, room, length;
@@ -56,17 +57,39 @@ struct SpansRow {
     return table + id * cols;
   }
 
-  template <class Id>
-  void run(const Id* ids, const bool* mask, uint8_t* backward_after, int* classes, int* backward_from, bool* end,
-           int64_t* key, double* value, int32_t* start) const {
-    // Right to left: the backward state of the text after each token (the row ends in separators).
-    int b = kN;
-    for (int64_t t = length - 1; t >= 0; --t) {
-      backward_after[t] = static_cast<uint8_t>(b);
-      const int64_t* e = entry(ids, mask, t);
-      b = e == nullptr ? kN : token_backward(e[kColMeta], b);
-    }
+  static int class_at(const int64_t* e, int j) {
+    return static_cast<int>((static_cast<uint64_t>(e[kColClasses + j / kClassesPerWord]) >>
+                             (4 * (j % kClassesPerWord))) & 15u);
+  }
 
+  int count_of(const int64_t* e) const {
+    const int64_t stored = (e[kColMeta] >> kMetaLenShift) & kMetaLenMask;
+    return static_cast<int>(stored < room ? stored : room);  // a malformed table is never overread
+  }
+
+  // Backward state of the text after token t: its first 5 classes decide it (",ddd" and a non-digit
+  // is the longest pattern the automaton tells); past the row's end come separators.
+  template <class Id>
+  int backward_after(const Id* ids, const bool* mask, int64_t t) const {
+    int ahead[kLookahead];
+    int n = 0;
+    for (int64_t u = t + 1; u < length && n < kLookahead; ++u) {
+      const int64_t* e = entry(ids, mask, u);
+      if (e == nullptr) {
+        ahead[n++] = kOther;  // resets the automaton: nothing after it matters
+        break;
+      }
+      const int count = count_of(e);
+      for (int j = 0; j < count && n < kLookahead; ++j) ahead[n++] = class_at(e, j);
+    }
+    int s = kN;
+    for (int k = n - 1; k >= 0; --k) s = backward_step(s, ahead[k]);
+    return s;
+  }
+
+  template <class Id>
+  void run(const Id* ids, const bool* mask, int* classes, int* backward_from, bool* end, int64_t* key,
+           double* value, int32_t* start) const {
     int state = kO;  // the row starts as after a separator
     bool in_number = false;
     int64_t minus_token = -1;  // the token of the latest '-' that may be a sign
@@ -82,10 +105,8 @@ struct SpansRow {
         count = 1;
         classes[0] = kOther;
       } else {
-        const int64_t meta = e[kColMeta];
-        const int64_t stored = (meta >> kMetaLenShift) & kMetaLenMask;
-        count = static_cast<int>(stored < room ? stored : room);  // a malformed table is never overread
-        if (!in_number && ((meta >> kMetaDigitShift) & 1) == 0) {
+        count = count_of(e);
+        if (!in_number && ((e[kColMeta] >> kMetaDigitShift) & 1) == 0) {
           // No digit and no number going on: nothing starts or ends here (a sign's number starts at
           // the next digit, which is in a later token).
           const int after = token_forward(e[kColFwd], state);
@@ -93,17 +114,13 @@ struct SpansRow {
           state = after;
           continue;
         }
-        const int64_t* words = e + kColClasses;
-        for (int j = 0; j < count; ++j) {
-          classes[j] = static_cast<int>((static_cast<uint64_t>(words[j / kClassesPerWord]) >>
-                                         (4 * (j % kClassesPerWord))) & 15u);
-        }
+        for (int j = 0; j < count; ++j) classes[j] = class_at(e, j);
       }
       if (e == nullptr && !in_number) {
         state = kO;
         continue;
       }
-      backward_from[count] = backward_after[t];
+      backward_from[count] = backward_after(ids, mask, t);
       for (int j = count - 1; j >= 0; --j) backward_from[j] = backward_step(backward_from[j + 1], classes[j]);
       for (int j = 0; j < count; ++j) {
         const int c = classes[j];
@@ -170,11 +187,10 @@ void spans_rows(const SpansRow& walker, const Id* ids, const bool* mask, int64_t
                 double* value, int32_t* start) {
   const int64_t length = walker.length;
   at::parallel_for(0, batch, grain_for(4 * length), [&](int64_t begin, int64_t stop) {
-    std::vector<uint8_t> backward_after(static_cast<size_t>(length));
     std::vector<int> classes(static_cast<size_t>(walker.room) + 1), backward_from(static_cast<size_t>(walker.room) + 2);
     for (int64_t row = begin; row < stop; ++row) {
       const int64_t o = row * length;
-      walker.run(ids + o, mask == nullptr ? nullptr : mask + o, backward_after.data(), classes.data(),
+      walker.run(ids + o, mask == nullptr ? nullptr : mask + o, classes.data(),
                  backward_from.data(), end + o, key + o, value + o, start + o);
     }
   });

@@ -54,9 +54,8 @@ inline int backward_step(int s, int c) {
 
 inline bool is_digit_run(int backward_state) { return backward_state >= kD1 && backward_state <= kD4; }
 
-// A whole token's transitions, precomputed in the vocab table (4 bits a forward state, 3 a backward one).
+// A whole token's forward transition, precomputed in the vocab table (4 bits a state).
 inline int token_forward(int64_t fwd_column, int s) { return static_cast<int>((fwd_column >> (4 * s)) & 15); }
-inline int token_backward(int64_t meta_column, int s) { return static_cast<int>((meta_column >> (3 * s)) & 7); }
 
 // ---- decimal to double ---------------------------------------------------------------------------
 struct DoubleDouble {

@@ -22,7 +22,8 @@ std::string extension_info() {
 
 TORCH_LIBRARY_FRAGMENT(sveb, m) {
   m.def("_cpp_extension_info() -> str", &sveb::cpu::extension_info);
-  // query_block and key_block are tuning/testing knobs (0 = automatic).
+  // query_block (tokens a block) and key_block (> 0: every group streams, that many keys a step) are
+  // tuning/testing knobs (0 = automatic).
   m.def(
       "_cpp_hista_values(Tensor hidden, Tensor returns, Tensor rollout_ids, Tensor group_offsets, "
       "float temperature, str similarity, Tensor? key_mask, Tensor? key_bias, float empty_value, "
