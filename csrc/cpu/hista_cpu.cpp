@@ -1,14 +1,17 @@
-// Hista on CPU (docs/CONTRACT.md §1): per group, blocks of queries against all the group's keys,
-// the raw products <h_i, h_j> from the BLAS GEMM (at::mm_out into a bounded per-thread buffer), and
-// a fused epilogue per query row: scale (cosine norms, 1/temperature), key bias and masks, then an
-// online softmax across key blocks with `returns` as the value column. Memory: the fp32 copy of
-// `hidden` when it is not fp32 already, plus one [query block, key block] buffer per thread: O(N*D).
+// Hista on CPU (docs/CONTRACT.md §1): per group, the raw products <h_i, h_j> of blocks of tokens
+// from the BLAS GEMM (at::mm_out into a bounded per-thread buffer), and a fused epilogue per query
+// row: scale (cosine norms, 1/temperature), key bias and masks, exp, and the softmax statistics with
+// `returns` as the value column, merged across key blocks as in an online softmax. The similarity
+// matrix is symmetric, so one GEMM serves a pair of blocks both ways (see Item below). Memory: the fp32
+// copy of `hidden` when it is not fp32 already, O(N) statistics, and two block-sized buffers per
+// thread: O(N*D).
 //
 // Why not the reference's tiles: it spends its time outside the GEMM (a dozen elementwise passes
 // over every score block, and query tiles that span groups compute products that are then masked);
-// here only the group's own products are computed and every score is touched twice, by
-// vectorizable loops. Work items (group, query block) go to at::parallel_for; each is computed by
-// one thread in a fixed order, so results do not depend on the thread count.
+// here only the group's own products are computed, half of them once for both triangles, and every
+// score is touched by two vectorizable loops. Work items go to at::parallel_for; each is computed by
+// one thread, and the statistics are merged in a fixed order, so results do not depend on the
+// thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -272,7 +275,16 @@ std::tuple<at::Tensor, at::Tensor> hista_values(const at::Tensor& hidden, const 
       }
     }
   }
-  std::vector<Stats> stats(static_cast<size_t>(stats_entries));
+  // Working memory comes from torch's allocator, so that its profiler (and the bench's peak) sees it.
+  const at::Tensor stats_storage = at::empty({stats_entries * static_cast<int64_t>(sizeof(Stats))},
+                                             hidden.options().dtype(at::kByte));
+  Stats* stats = reinterpret_cast<Stats*>(stats_storage.data_ptr());
+  int64_t buffer_elements = 0;
+  for (const Item& it : items) {
+    const int64_t rows = it.a1 - it.a0;
+    const int64_t cols = it.stream ? std::min(bk, offsets[it.group + 1] - offsets[it.group]) : it.b1 - it.b0;
+    buffer_elements = std::max(buffer_elements, rows * cols);
+  }
   const int64_t num_items = static_cast<int64_t>(items.size());
   float* out_values = values.data_ptr<float>();
   float* out_lse = lse.data_ptr<float>();
@@ -282,7 +294,10 @@ std::tuple<at::Tensor, at::Tensor> hista_values(const at::Tensor& hidden, const 
     out_lse[i] = st.any ? st.max + std::log(st.denom) : -INFINITY;
   };
   at::parallel_for(0, num_items, grain_for(total_work / std::max<int64_t>(num_items, 1)), [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer, transposed;
+    // Per thread: the products of one GEMM, and their transpose.
+    const at::Tensor scratch = at::empty({2 * buffer_elements}, f32);
+    float* buffer = scratch.data_ptr<float>();
+    float* transposed = buffer + buffer_elements;
     for (int64_t index = begin; index < end; ++index) {
       const Item& it = items[index];
       const int64_t lo = offsets[it.group], hi = offsets[it.group + 1];
@@ -291,11 +306,10 @@ std::tuple<at::Tensor, at::Tensor> hista_values(const at::Tensor& hidden, const 
         const at::Tensor queries = h.narrow(0, it.a0, it.a1 - it.a0);
         for (int64_t k0 = lo; k0 < hi; k0 += bk) {
           const int64_t k1 = std::min(k0 + bk, hi), rows = it.a1 - it.a0, cols = k1 - k0;
-          buffer.resize(static_cast<size_t>(rows * cols));
-          at::Tensor products = at::from_blob(buffer.data(), {rows, cols}, f32);
+          at::Tensor products = at::from_blob(buffer, {rows, cols}, f32);
           at::mm_out(products, queries, h.narrow(0, k0, cols).t());
           for (int64_t i = it.a0; i < it.a1; ++i) {
-            merge(row_stats[i - it.a0], row_block(in, i, k0, cols, buffer.data() + (i - it.a0) * cols));
+            merge(row_stats[i - it.a0], row_block(in, i, k0, cols, buffer + (i - it.a0) * cols));
           }
         }
         for (int64_t i = it.a0; i < it.a1; ++i) finish(i, row_stats[i - it.a0]);
@@ -303,24 +317,22 @@ std::tuple<at::Tensor, at::Tensor> hista_values(const at::Tensor& hidden, const 
       }
       const GroupPlan& plan = plans[it.group];
       const int64_t rows = it.a1 - it.a0, cols = it.b1 - it.b0;
-      buffer.resize(static_cast<size_t>(rows * cols));
-      at::Tensor products = at::from_blob(buffer.data(), {rows, cols}, f32);
+      at::Tensor products = at::from_blob(buffer, {rows, cols}, f32);
       at::mm_out(products, h.narrow(0, it.a0, rows), h.narrow(0, it.b0, cols).t());
       if (it.block_i != it.block_j) {  // the transpose serves block J's queries against block I's keys
-        transposed.resize(static_cast<size_t>(rows * cols));
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t c = 0; c < cols; ++c) transposed[c * rows + r] = buffer[r * cols + c];
         }
         for (int64_t c = 0; c < cols; ++c) {
           const int64_t i = it.b0 + c;
           stats[plan.stats_base + (i - lo) * plan.blocks + it.block_i] =
-              row_block(in, i, it.a0, rows, transposed.data() + c * rows);
+              row_block(in, i, it.a0, rows, transposed + c * rows);
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = it.a0 + r;
         stats[plan.stats_base + (i - lo) * plan.blocks + it.block_j] = row_block(in, i, it.b0, cols,
-                                                                                 buffer.data() + r * cols);
+                                                                                 buffer + r * cols);
       }
     }
   });
@@ -330,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor> hista_values(const at::Tensor& hidden, const 
       const GroupPlan& plan = plans[g];
       if (plan.blocks == 0) continue;
       for (int64_t i = offsets[g]; i < offsets[g + 1]; ++i) {
-        const Stats* row = stats.data() + plan.stats_base + (i - offsets[g]) * plan.blocks;
+        const Stats* row = stats + plan.stats_base + (i - offsets[g]) * plan.blocks;
         Stats st;
         for (int64_t b = 0; b < plan.blocks; ++b) merge(st, row[b]);
         finish(i, st);

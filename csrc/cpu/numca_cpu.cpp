@@ -300,7 +300,9 @@ at::Tensor numca_values(const at::Tensor& end, const at::Tensor& key, const at::
   const int64_t num_groups = static_cast<int64_t>(first.size()) - 1;
 
   // Each row's number keys in order (numbers at masked tokens do not count).
-  std::vector<int64_t> compact(static_cast<size_t>(batch * length));
+  // From torch's allocator, so that its profiler (and the bench's peak) sees it.
+  const at::Tensor compact_storage = at::empty({batch, length}, keys.options());
+  int64_t* compact = compact_storage.data_ptr<int64_t>();
   std::vector<int64_t> count(static_cast<size_t>(batch));
   at::parallel_for(0, batch, grain_for(length), [&](int64_t begin, int64_t stop) {
     for (int64_t b = begin; b < stop; ++b) {
@@ -346,7 +348,7 @@ at::Tensor numca_values(const at::Tensor& end, const at::Tensor& key, const at::
       }
       double current = peers > 0 ? peer_sum / static_cast<double>(peers) : empty_value;
       const int64_t n = count[b];
-      const int64_t* mine = compact.data() + b * length;
+      const int64_t* mine = compact + b * length;
       if (prefix) {
         // support(m) = peers whose first m keys are mine: the common prefix is at least m long.
         support_at.assign(static_cast<size_t>(n) + 2, 0);
@@ -354,7 +356,7 @@ at::Tensor numca_values(const at::Tensor& end, const at::Tensor& key, const at::
         for (int64_t q = first[g]; q < first[g + 1]; ++q) {
           const int64_t p = order[q];
           if (leave_one_out && p == b) continue;
-          const int64_t* theirs = compact.data() + p * length;
+          const int64_t* theirs = compact + p * length;
           const int64_t limit = std::min(n, count[p]);
           int64_t l = 0;
           while (l < limit && theirs[l] == mine[l]) ++l;
