@@ -32,6 +32,14 @@ def assert_identical(a, b):
             x.nan_to_num(0.0), y.nan_to_num(0.0)), "results differ between thread counts"
 
 
+@pytest.fixture
+def split_small_work():
+    """Lets the kernels split even small inputs over threads (by default they keep them on one)."""
+    before = torch.ops.sveb._cpp_set_min_work_per_thread(64)
+    yield
+    torch.ops.sveb._cpp_set_min_work_per_thread(before)
+
+
 def test_auto_picks_cpp_on_cpu(monkeypatch):
     monkeypatch.delenv("SVEB_BACKEND", raising=False)
     for op in ("gae", "hista_values", "numeric_spans", "numca_values"):
@@ -40,8 +48,8 @@ def test_auto_picks_cpp_on_cpu(monkeypatch):
     assert "cpp" in _backend.why_unavailable("gae", "cpp", "meta")
 
 
-@pytest.mark.parametrize("shape", [(3, 50), (64, 4096), (9, 20000)])  # one thread's worth, and many
-def test_gae_identical_for_any_thread_count(seed, shape):
+@pytest.mark.parametrize("shape", [(3, 50), (64, 4096), (9, 20000)])
+def test_gae_identical_for_any_thread_count(seed, shape, split_small_work):
     rewards, values = torch.randn(*shape), torch.randn(*shape) * 100
     mask = torch.rand(*shape) > 0.2
     runs = [with_threads(n, lambda: sk.gae(rewards, values, mask, 0.99, 0.95, backend="cpp")) for n in (1, 2, 3)]
@@ -50,7 +58,7 @@ def test_gae_identical_for_any_thread_count(seed, shape):
 
 
 @pytest.mark.parametrize("groups", [[[5, 7]], [[200] * 8, [150] * 8], [[40, 60, 50]] * 30])
-def test_hista_identical_for_any_thread_count(seed, groups):
+def test_hista_identical_for_any_thread_count(seed, groups, split_small_work):
     hidden, returns, rollout_ids, offsets = make_batch(groups, 96)
     run = lambda: sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=0.1, backend="cpp")  # noqa: E731
     runs = [with_threads(n, run) for n in (1, 2, 3)]
@@ -58,7 +66,7 @@ def test_hista_identical_for_any_thread_count(seed, groups):
     assert_identical(runs[0], runs[2])
 
 
-def test_numca_identical_for_any_thread_count(seed):
+def test_numca_identical_for_any_thread_count(seed, split_small_work):
     ids, mask = token_batch("llama3", random.Random(seed), rows=40, pieces=60)
     _, vocab = tokenizer_and_vocab("llama3")
     spans = [with_threads(n, lambda: sk.numeric_spans(ids, vocab, mask, backend="cpp")) for n in (1, 2)]
@@ -133,6 +141,14 @@ def test_other_private_op_checks():
     with pytest.raises(ValueError, match="group_index"):
         torch.ops.sveb._cpp_numca_values(end, key, torch.zeros(2), torch.zeros(3, dtype=torch.int64), end, "last",
                                          True, 1, 0.0)
+
+
+def test_min_work_per_thread_setter():
+    """The default split threshold is ~4M element-operations (milliseconds of work); the setter checks."""
+    before = torch.ops.sveb._cpp_set_min_work_per_thread(1 << 22)
+    assert torch.ops.sveb._cpp_set_min_work_per_thread(before) == 1 << 22
+    with pytest.raises(ValueError, match="work"):
+        torch.ops.sveb._cpp_set_min_work_per_thread(0)
 
 
 def test_extension_reports_its_cpp_kernels():

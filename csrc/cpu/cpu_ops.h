@@ -5,10 +5,13 @@
 // query blocks) whose results are computed by one thread each in a fixed order, so the outputs are
 // bit-identical for any thread count; grain sizes keep small inputs on the calling thread, where
 // waking the pool costs more than the work (and on a loaded machine waits for descheduled threads).
+// The split never changes a result, only who computes it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -17,13 +20,23 @@
 namespace sveb {
 namespace cpu {
 
-// Work (in rough element-operations) below which a parallel_for chunk is not worth another thread.
-constexpr int64_t kMinWorkPerThread = 1 << 15;
+// Work (in rough element-operations, ~1 ns each) below which a parallel_for chunk is not worth
+// another thread: a few milliseconds. Why that much: on a loaded machine a parallel region waits for
+// its slowest thread, and a woken or preempted thread waits a scheduler slice (milliseconds) for a
+// core; below this, a second thread makes the call slower there, not faster (measured: GAE at
+// 64x4096 took 40 ms on 2 threads against 0.8 ms on one, with other processes busy).
+// `sveb::_cpp_set_min_work_per_thread` changes it (tests use small values to exercise the split).
+constexpr int64_t kDefaultMinWorkPerThread = int64_t{1} << 22;
 
-// Grain for at::parallel_for over `items` of `work_per_item` each: chunks of at least kMinWorkPerThread.
+inline std::atomic<int64_t>& min_work_per_thread() {
+  static std::atomic<int64_t> value{kDefaultMinWorkPerThread};
+  return value;
+}
+
+// Grain for at::parallel_for over items of `work_per_item` each: chunks of at least min_work_per_thread().
 inline int64_t grain_for(int64_t work_per_item) {
   if (work_per_item <= 0) work_per_item = 1;
-  const int64_t grain = kMinWorkPerThread / work_per_item;
+  const int64_t grain = min_work_per_thread().load(std::memory_order_relaxed) / work_per_item;
   return grain < 1 ? 1 : grain;
 }
 

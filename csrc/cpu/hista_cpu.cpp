@@ -293,7 +293,8 @@ std::tuple<at::Tensor, at::Tensor> hista_values(const at::Tensor& hidden, const 
     out_values[i] = st.any ? st.numer / st.denom : empty;
     out_lse[i] = st.any ? st.max + std::log(st.denom) : -INFINITY;
   };
-  at::parallel_for(0, num_items, grain_for(total_work / std::max<int64_t>(num_items, 1)), [&](int64_t begin, int64_t end) {
+  const int64_t item_grain = grain_for(total_work / std::max<int64_t>(num_items, 1));
+  at::parallel_for(0, num_items, item_grain, [&](int64_t begin, int64_t end) {
     // Per thread: the products of one GEMM, and their transpose.
     const at::Tensor scratch = at::empty({2 * buffer_elements}, f32);
     float* buffer = scratch.data_ptr<float>();

@@ -17,11 +17,18 @@ std::string extension_info() {
          std::to_string(TORCH_VERSION_PATCH) + ", cpp kernels";
 }
 
+// Sets the work a thread must get before at::parallel_for splits (cpu_ops.h); returns the old value.
+int64_t set_min_work_per_thread(int64_t work) {
+  TORCH_CHECK_VALUE(work >= 1, "work must be >= 1, got ", work);
+  return min_work_per_thread().exchange(work);
+}
+
 }  // namespace cpu
 }  // namespace sveb
 
 TORCH_LIBRARY_FRAGMENT(sveb, m) {
   m.def("_cpp_extension_info() -> str", &sveb::cpu::extension_info);
+  m.def("_cpp_set_min_work_per_thread(int work) -> int", &sveb::cpu::set_min_work_per_thread);
   // query_block (tokens a block) and key_block (> 0: every group streams, that many keys a step) are
   // tuning/testing knobs (0 = automatic).
   m.def(
