@@ -31,8 +31,8 @@ void check_gae_args(const at::Tensor& rewards, const at::Tensor& values, const a
   same_shape("mask", mask, rewards, "rewards");
   number_in("gamma", gamma, 0.0, 1.0, /*low_open=*/false);
   number_in("lam", lam, 0.0, 1.0, /*low_open=*/false);
-  TORCH_CHECK_VALUE(rewards.device().is_cpu(), "sveb::_cpp_gae is the cpp backend and needs CPU tensors; got rewards on ",
-                    rewards.device());
+  TORCH_CHECK_VALUE(rewards.device().is_cpu(),
+                    "sveb::_cpp_gae is the cpp backend and needs CPU tensors; got rewards on ", rewards.device());
   on_device_of("values", values, "rewards", rewards);
   on_device_of("mask", mask, "rewards", rewards);
 }

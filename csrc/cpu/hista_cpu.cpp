@@ -189,7 +189,8 @@ void check_hista_args(const at::Tensor& hidden, const at::Tensor& returns, const
   TORCH_CHECK_VALUE(query_block >= 0 && key_block >= 0, "query_block and key_block must be >= 0 (0 = automatic), got ",
                     query_block, " and ", key_block);
   TORCH_CHECK_VALUE(hidden.device().is_cpu(),
-                    "sveb::_cpp_hista_values is the cpp backend and needs CPU tensors; got hidden on ", hidden.device());
+                    "sveb::_cpp_hista_values is the cpp backend and needs CPU tensors; got hidden on ",
+                    hidden.device());
   on_device_of("returns", returns, "hidden", hidden);
   on_device_of("rollout_ids", rollout_ids, "hidden", hidden);
   on_device_of("group_offsets", group_offsets, "hidden", hidden);
