@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -294,13 +295,18 @@ std::tuple<at::Tensor, at::Tensor> hista_values(const at::Tensor& hidden, const 
     out_values[i] = st.any ? st.numer / st.denom : empty;
     out_lse[i] = st.any ? st.max + std::log(st.denom) : -INFINITY;
   };
+  // Items are handed out one at a time from a shared counter rather than in fixed chunks: on a
+  // loaded machine a preempted thread then delays the call by one item, not by its whole share (the
+  // others take the rest). Who computes an item never changes its result.
   const int64_t item_grain = grain_for(total_work / std::max<int64_t>(num_items, 1));
-  at::parallel_for(0, num_items, item_grain, [&](int64_t begin, int64_t end) {
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (num_items + item_grain - 1) / item_grain);
+  std::atomic<int64_t> next_item{0};
+  at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
     // Per thread: the products of one GEMM, and their transpose.
     const at::Tensor scratch = at::empty({2 * buffer_elements}, f32);
     float* buffer = scratch.data_ptr<float>();
     float* transposed = buffer + buffer_elements;
-    for (int64_t index = begin; index < end; ++index) {
+    for (int64_t index = next_item++; index < num_items; index = next_item++) {
       const Item& it = items[index];
       const int64_t lo = offsets[it.group], hi = offsets[it.group + 1];
       if (it.stream) {
