@@ -1,10 +1,12 @@
-"""Build rules for the optional CUDA extension `sveb_kernels._C`.
+"""Build rules for the optional compiled extension `sveb_kernels._C`.
 
-Everything else is pure Python and lives in pyproject.toml. The extension is built when a CUDA
-toolkit and a CUDA build of torch are both present, or when SVEB_FORCE_CUDA_BUILD=1 (compiling
-needs no GPU). SVEB_SKIP_CUDA_BUILD=1 skips it. SVEB_CUDA_ARCHS (default "8.0;9.0") picks the
-GPU architectures (SASS for each, plus PTX of the newest, which newer GPUs JIT-compile);
-MAX_JOBS bounds the parallel compile (honoured by torch's ninja build).
+Everything else is pure Python and lives in pyproject.toml. The extension holds the `cpp` backend's
+CPU kernels (csrc/cpu/, needs only a C++ compiler and torch) and, when a CUDA toolkit and a CUDA build
+of torch are both present (or SVEB_FORCE_CUDA_BUILD=1; compiling needs no GPU), the `cuda` backend's
+kernels too. SVEB_SKIP_CUDA_BUILD=1 builds the CPU kernels only; SVEB_SKIP_EXTENSION=1 builds no
+extension at all. A failed build installs the package without it (the reference backend serves)
+unless SVEB_FORCE_CUDA_BUILD=1. SVEB_CUDA_ARCHS (default "8.0;9.0") picks the GPU architectures
+(SASS for each, plus PTX of the newest, which newer GPUs JIT-compile); MAX_JOBS bounds the parallel compile (honoured by torch's ninja build).
 
 What the extension was built against is written to sveb_kernels/_C_build.json so that an import
 under a different torch can refuse to load it instead of crashing (see sveb_kernels/_build_info.py).
@@ -136,13 +138,43 @@ def cuda_arch_list(archs: str) -> str:
     return ";".join(entries)
 
 
+def _cpu_sources() -> list[str]:
+    return sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+
+
+# at::parallel_for is inlined into the kernels: they must be compiled with OpenMP, torch's CPU backend.
+_OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
 def build_kwargs() -> dict:
-    build, reason, cuda_home = cuda_extension_plan()
-    if not build:
-        print(f"sveb_kernels: not building the CUDA extension ({reason})", file=sys.stderr)
+    if _flag("SVEB_SKIP_EXTENSION"):
+        print("sveb_kernels: not building the extension (SVEB_SKIP_EXTENSION=1)", file=sys.stderr)
         if os.path.exists(BUILD_INFO):
             os.remove(BUILD_INFO)
         return {}
+    build, reason, cuda_home = cuda_extension_plan()
+    if not build:
+        print(f"sveb_kernels: not building the CUDA kernels ({reason}); building the CPU kernels only",
+              file=sys.stderr)
+        if os.path.exists(BUILD_INFO):
+            os.remove(BUILD_INFO)
+        try:
+            import torch
+            from torch.utils.cpp_extension import BuildExtension, CppExtension
+        except ImportError as e:
+            print(f"sveb_kernels: not building the extension (torch is needed to build it: {e})", file=sys.stderr)
+            return {}
+        info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda": False, "nvcc": None,
+                "cuda_home": None, "archs": None, "python": sys.version.split()[0]}
+        ext = CppExtension(
+            name="sveb_kernels._C",
+            sources=_cpu_sources() + [os.path.join("csrc", "cpu_only", "module.cpp")],
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args=["-O3"] + _OPENMP_FLAGS,
+            extra_link_args=_OPENMP_FLAGS,
+            py_limited_api=False,
+        )
+        return _optional_build(ext, BuildExtension, info, force=False)
 
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported, so set it first.
     os.environ["CUDA_HOME"] = cuda_home
@@ -152,17 +184,17 @@ def build_kwargs() -> dict:
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    sources += _cpu_sources()
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     info = {
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
+        "cuda": True,
         "nvcc": nvcc_release(cuda_home),
         "cuda_home": cuda_home,
         "archs": archs,
         "python": sys.version.split()[0],
     }
-    with open(BUILD_INFO, "w") as f:
-        json.dump(info, f, indent=1)
     print(f"sveb_kernels: building the CUDA extension ({reason}): {info}", file=sys.stderr)
     print(f"sveb_kernels: compiling the optional CUDA kernels (sveb_kernels._C) for archs {archs} takes minutes "
           "(~5 on 2 cores; no GPU needed); pip shows only 'still running...'. SVEB_SKIP_CUDA_BUILD=1 skips it: "
@@ -174,14 +206,20 @@ def build_kwargs() -> dict:
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={
-            "cxx": ["-O3"],
+            "cxx": ["-O3"] + _OPENMP_FLAGS,
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
         },
+        extra_link_args=_OPENMP_FLAGS,
         # Python's limited API is not enough for torch extensions; we need the full one.
         py_limited_api=False,
     )
-    base = BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
-    force = _flag("SVEB_FORCE_CUDA_BUILD")
+    return _optional_build(ext, BuildExtension, info, force=_flag("SVEB_FORCE_CUDA_BUILD"))
+
+
+def _optional_build(ext, build_extension, info: dict, force: bool) -> dict:
+    with open(BUILD_INFO, "w") as f:
+        json.dump(info, f, indent=1)
+    base = build_extension.with_options(use_ninja=shutil.which("ninja") is not None)
 
     class OptionalBuildExtension(base):
         """The extension is optional: unless SVEB_FORCE_CUDA_BUILD=1, a failed compile installs the
@@ -193,7 +231,7 @@ def build_kwargs() -> dict:
             except Exception as e:  # compiler errors surface as several exception types
                 if force:
                     raise
-                print(f"sveb_kernels: WARNING: the CUDA extension failed to build ({e}); installing without it. "
+                print(f"sveb_kernels: WARNING: the extension failed to build ({e}); installing without it. "
                       "Set SVEB_FORCE_CUDA_BUILD=1 to see the failure as an error.", file=sys.stderr)
                 if os.path.exists(BUILD_INFO):
                     os.remove(BUILD_INFO)

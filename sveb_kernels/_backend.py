@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "triton", "cuda", "cpp")
 
 # For backend="auto" on CUDA tensors: the order to try. Kept per op so that measured results
 # (bench/results/) can reorder one op without touching the others.
@@ -26,6 +26,9 @@ BACKENDS = ("reference", "triton", "cuda")
 # If results differ by GPU generation, key the table by (op, compute capability major) there.
 _AUTO_ORDER_CUDA: dict[str, tuple[str, ...]] = {}
 _DEFAULT_AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
+
+# For backend="auto" on CPU tensors: the compiled C++ kernels when the extension has them.
+_AUTO_ORDER_CPU = ("cpp", "reference")
 
 _LOADERS: dict[tuple[str, str], Callable[[], Callable]] = {}
 
@@ -80,14 +83,25 @@ def why_unavailable(op: str, backend: str, device_type: str) -> Optional[str]:
         if device_type == "cuda" or (device_type == "cpu" and _triton_interpreted()):
             return None
         return f"triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not {device_type}"
+    from ._build_info import built_against, load_extension
+
+    if backend == "cpp":
+        if device_type != "cpu":
+            return f"the cpp backend needs CPU tensors, got {device_type}"
+        module, reason = load_extension()
+        if module is None:
+            return f"compiled extension unavailable: {reason}"
+        if not hasattr(torch.ops.sveb, f"_cpp_{op}"):
+            return f"the loaded extension has no cpp kernel for {op}; reinstall to rebuild it"
+        return None
     # backend == "cuda"
     if device_type != "cuda":
         return f"the cuda backend needs CUDA tensors, got {device_type}"
-    from ._build_info import load_extension
-
     module, reason = load_extension()
     if module is None:
         return f"CUDA extension unavailable: {reason}"
+    if (built_against() or {}).get("cuda") is False:
+        return "the extension was built without CUDA kernels (no CUDA toolkit, or SVEB_SKIP_CUDA_BUILD=1)"
     # An extension built from older sources may lack this op's kernel.
     if not hasattr(torch.ops.sveb, f"_cuda_{op}"):
         return f"the loaded CUDA extension has no kernel for {op}; reinstall to rebuild it"
@@ -109,10 +123,10 @@ def resolve(op: str, backend: str, device: Union[torch.device, str]) -> str:
             if reason is not None:
                 raise ValueError(f"SVEB_BACKEND={backend!r} cannot run {op} here: {reason}")
             return backend
-        if device_type == "cuda":
-            for candidate in _AUTO_ORDER_CUDA.get(op, _DEFAULT_AUTO_ORDER_CUDA):
-                if why_unavailable(op, candidate, device_type) is None:
-                    return candidate
+        order = {"cuda": _AUTO_ORDER_CUDA.get(op, _DEFAULT_AUTO_ORDER_CUDA), "cpu": _AUTO_ORDER_CPU}
+        for candidate in order.get(device_type, ()):
+            if why_unavailable(op, candidate, device_type) is None:
+                return candidate
         return "reference"
     reason = why_unavailable(op, backend, device_type)
     if reason is not None:

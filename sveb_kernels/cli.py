@@ -48,6 +48,8 @@ def _info(args: argparse.Namespace) -> int:
         compiled = [op for op in _backend.registered_ops() if hasattr(torch.ops.sveb, f"_cuda_{op}")
                     and torch._C._dispatch_has_kernel_for_dispatch_key(f"sveb::_cuda_{op}", "CUDA")]
         print(f"extension    CUDA kernels for: {', '.join(compiled) or 'none'}")
+        cpu = [op for op in _backend.registered_ops() if hasattr(torch.ops.sveb, f"_cpp_{op}")]
+        print(f"extension    cpp (CPU) kernels for: {', '.join(cpu) or 'none'}")
     print()
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     width = max(len(op) for op in _backend.registered_ops())

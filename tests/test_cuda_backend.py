@@ -28,6 +28,8 @@ CUDA_OPS = {"hista_values": "sveb::_cuda_hista_values", "gae": "sveb::_cuda_gae"
             "numeric_spans": "sveb::_cuda_numeric_spans", "numca_values": "sveb::_cuda_numca_values"}
 
 _module, _reason = _build_info.load_extension()
+if _module is not None and not (_build_info.built_against() or {}).get("cuda", True):
+    _module, _reason = None, "the extension was built without CUDA kernels (CPU-only build)"
 gpu = pytest.mark.gpu
 
 

@@ -1,4 +1,5 @@
-"""The optional CUDA extension: never required, refused (not crashed on) when built for another torch."""
+"""The optional extension (cpp kernels, and CUDA ones when built with CUDA): never required, refused (not
+crashed on) when built for another torch."""
 
 import json
 import subprocess
@@ -35,7 +36,11 @@ def test_extension_loads_when_built():
         pytest.skip("the CUDA extension was not built in this install")
     module, reason = _build_info.load_extension()
     assert module is not None, reason
-    assert info["torch"].split("+")[0] in torch.ops.sveb._cuda_extension_info()
+    assert info["torch"].split("+")[0] in torch.ops.sveb._cpp_extension_info()  # the cpp kernels are always in it
+    if info.get("cuda", True):
+        assert info["torch"].split("+")[0] in torch.ops.sveb._cuda_extension_info()
+    else:  # a CPU-only build: the cuda backend says why it cannot serve
+        assert "without CUDA kernels" in sveb_kernels._backend.why_unavailable("gae", "cuda", "cuda")
 
 
 def test_cli_info_runs():
@@ -46,7 +51,7 @@ def test_cli_info_runs():
 
 def test_cuda_backend_needs_the_ops_kernel_in_the_loaded_extension(monkeypatch):
     module, _ = _build_info.load_extension()
-    if module is None:
+    if module is None or not _build_info.built_against().get("cuda", True):
         pytest.skip("the CUDA extension was not built in this install")
     from sveb_kernels import _backend
 

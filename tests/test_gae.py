@@ -31,50 +31,51 @@ def check(rewards, values, mask, gamma, lam, **kw):
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.0, 0.5), (0.7, 0.0), (1.0, 0.0)])
-def test_random_masks_match_loop(seed, gamma, lam):
+def test_random_masks_match_loop(seed, gamma, lam, backend):
     batch, length = int(torch.randint(1, 9, ())), int(torch.randint(2, 300, ()))
     mask = right_padded_mask(batch, length)
-    check(torch.randn(batch, length), torch.randn(batch, length), mask, gamma, lam)
+    check(torch.randn(batch, length), torch.randn(batch, length), mask, gamma, lam, backend=backend)
 
 
-def test_outcome_reward_on_last_token(seed):
+def test_outcome_reward_on_last_token(seed, backend):
     batch, length = 5, 257
     mask = right_padded_mask(batch, length, holes=False)
     rewards = torch.zeros(batch, length)
     last = (mask.sum(1) - 1).clamp_min(0)
     rewards[torch.arange(batch), last] = torch.randn(batch)
-    check(rewards, torch.randn(batch, length), mask, 1.0, 0.95)
+    check(rewards, torch.randn(batch, length), mask, 1.0, 0.95, backend=backend)
 
 
-def test_one_step_and_all_masked_rows(seed):
-    check(torch.randn(4, 1), torch.randn(4, 1), torch.tensor([[True], [False], [True], [False]]), 0.9, 0.9)
-    check(torch.randn(3, 17), torch.randn(3, 17), torch.zeros(3, 17, dtype=torch.bool), 1.0, 1.0)
+def test_one_step_and_all_masked_rows(seed, backend):
+    check(torch.randn(4, 1), torch.randn(4, 1), torch.tensor([[True], [False], [True], [False]]), 0.9, 0.9,
+          backend=backend)
+    check(torch.randn(3, 17), torch.randn(3, 17), torch.zeros(3, 17, dtype=torch.bool), 1.0, 1.0, backend=backend)
 
 
 @pytest.mark.parametrize("length", [4096, 32768])
-def test_long_rows(seed, length):
+def test_long_rows(seed, length, backend):
     mask = right_padded_mask(2, length)
-    check(torch.randn(2, length), torch.randn(2, length), mask, 1.0, 1.0)
-    check(torch.randn(2, length), torch.randn(2, length), mask, 0.999, 0.97)
+    check(torch.randn(2, length), torch.randn(2, length), mask, 1.0, 1.0, backend=backend)
+    check(torch.randn(2, length), torch.randn(2, length), mask, 0.999, 0.97, backend=backend)
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.float32, torch.int64, torch.uint8])
-def test_numeric_masks_and_low_precision_inputs(seed, mask_dtype):
+def test_numeric_masks_and_low_precision_inputs(seed, mask_dtype, backend):
     mask = right_padded_mask(3, 45).to(mask_dtype)
-    check(torch.randn(3, 45).bfloat16(), torch.randn(3, 45).half(), mask, 0.95, 0.9)
+    check(torch.randn(3, 45).bfloat16(), torch.randn(3, 45).half(), mask, 0.95, 0.9, backend=backend)
 
 
-def test_non_contiguous_inputs(seed):
+def test_non_contiguous_inputs(seed, backend):
     rewards = torch.randn(40, 6).T
     values = torch.randn(6, 80)[:, ::2]
     mask = right_padded_mask(40, 6).T
-    check(rewards, values, mask, 0.9, 0.8)
+    check(rewards, values, mask, 0.9, 0.8, backend=backend)
 
 
-def test_empty_batch():
-    adv, ret = sk.gae(torch.zeros(0, 5), torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.bool))
+def test_empty_batch(backend):
+    adv, ret = sk.gae(torch.zeros(0, 5), torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.bool), backend=backend)
     assert adv.shape == ret.shape == (0, 5)
-    adv, ret = sk.gae(torch.zeros(3, 0), torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.bool))
+    adv, ret = sk.gae(torch.zeros(3, 0), torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.bool), backend=backend)
     assert adv.shape == ret.shape == (3, 0)
 
 
@@ -113,23 +114,23 @@ def test_masked_whiten_needs_two_elements():
 
 
 @pytest.mark.parametrize("offset", [1e3, 1e4])
-def test_large_values_small_advantages(seed, offset):
+def test_large_values_small_advantages(seed, offset, backend):
     """|values| >> |advantages|: each step's delta must not round at ulp(|v|) (errors would add up)."""
     batch, length = 3, 4096
     values = offset + torch.randn(batch, length)
     rewards = torch.randn(batch, length) * 0.01
     mask = right_padded_mask(batch, length)
-    check(rewards, values, mask, 1.0, 1.0)
-    check(rewards, values, mask, 0.99, 0.95)
+    check(rewards, values, mask, 1.0, 1.0, backend=backend)
+    check(rewards, values, mask, 0.99, 0.95, backend=backend)
 
 
 @pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.8), (0.0, 0.5)])
-def test_nonfinite_inputs_poison_exactly_their_dependents(seed, poison, gamma, lam):
+def test_nonfinite_inputs_poison_exactly_their_dependents(seed, poison, gamma, lam, backend):
     """docs/CONTRACT.md "Common rules" (tests/nonfinite_cases.py): a NaN/inf reward or value at t makes
     adv/returns of its row at positions <= t non-finite, as the trainers' loop does; nothing else."""
     from nonfinite_cases import check_gae_nonfinite, gae_poison_case
 
     clean, poisoned, bad = gae_poison_case(poison)
-    out = sk.gae(*poisoned, gamma=gamma, lam=lam, backend="reference")
+    out = sk.gae(*poisoned, gamma=gamma, lam=lam, backend=backend)
     check_gae_nonfinite(out, clean, bad, gamma, lam, poison)

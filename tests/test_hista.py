@@ -51,17 +51,17 @@ def assert_close_fp32(out, hidden, returns, rollout_ids, offsets, **kw):
 
 
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
-def test_random_groups_match_oracle(seed, similarity):
+def test_random_groups_match_oracle(seed, similarity, backend):
     groups = random_groups(num_groups=5, max_rollouts=6, max_len=17) + [[], [9]]  # plus empty, single-rollout
     d = int(torch.randint(1, 70, ()))
     hidden, returns, rollout_ids, offsets = make_batch(groups, d)
     temperature = 0.1 if similarity == "cosine" else 3.0 * math.sqrt(d)
     out = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=temperature, similarity=similarity,
-                          backend="reference")
+                          backend=backend)
     assert_close_fp32(out, hidden, returns, rollout_ids, offsets, temperature=temperature, similarity=similarity)
 
 
-def test_key_mask_bias_and_empty_value(seed):
+def test_key_mask_bias_and_empty_value(seed, backend):
     groups = random_groups(num_groups=4, max_rollouts=5, max_len=11)
     hidden, returns, rollout_ids, offsets = make_batch(groups, 37)
     n = hidden.shape[0]
@@ -70,41 +70,41 @@ def test_key_mask_bias_and_empty_value(seed):
     key_mask[offsets[0]:offsets[1]] = False
     key_bias = torch.randn(n) * 2
     kw = dict(temperature=0.3, key_mask=key_mask, key_bias=key_bias, empty_value=-2.5)
-    out = sk.hista_values(hidden, returns, rollout_ids, offsets, backend="reference", **kw)
+    out = sk.hista_values(hidden, returns, rollout_ids, offsets, backend=backend, **kw)
     assert_close_fp32(out, hidden, returns, rollout_ids, offsets, **kw)
     assert (out.values[offsets[0]:offsets[1]] == -2.5).all()
     assert (out.lse[offsets[0]:offsets[1]] == -math.inf).all()
 
 
-def test_single_rollout_groups_get_empty_value(seed):
+def test_single_rollout_groups_get_empty_value(seed, backend):
     hidden, returns, rollout_ids, offsets = make_batch([[5], [], [1], [3]], 8)
-    out = sk.hista_values(hidden, returns, rollout_ids, offsets, empty_value=0.25)
+    out = sk.hista_values(hidden, returns, rollout_ids, offsets, empty_value=0.25, backend=backend)
     assert (out.values == 0.25).all() and (out.lse == -math.inf).all()
 
 
 @pytest.mark.parametrize("scale", [300.0, 3000.0])
-def test_huge_hidden_norms_cosine(seed, scale):
+def test_huge_hidden_norms_cosine(seed, scale, backend):
     hidden, returns, rollout_ids, offsets = make_batch(random_groups(3, 5, 9), 257, scale=scale)
-    out = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=0.05)
+    out = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=0.05, backend=backend)
     assert_close_fp32(out, hidden, returns, rollout_ids, offsets, temperature=0.05)
 
 
 @pytest.mark.parametrize("temperature", [1e-3, 1e3])
-def test_extreme_temperatures(seed, temperature):
+def test_extreme_temperatures(seed, temperature, backend):
     hidden, returns, rollout_ids, offsets = make_batch(random_groups(3, 4, 7), 19)
-    out = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=temperature)
+    out = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=temperature, backend=backend)
     assert_close_fp32(out, hidden, returns, rollout_ids, offsets, temperature=temperature)
 
 
-def test_one_token_rollouts_and_one_column(seed):
+def test_one_token_rollouts_and_one_column(seed, backend):
     hidden, returns, rollout_ids, offsets = make_batch([[1] * 5, [1, 1], [1]], 1)
-    out = sk.hista_values(hidden, returns, rollout_ids, offsets, similarity="dot", temperature=0.7)
+    out = sk.hista_values(hidden, returns, rollout_ids, offsets, similarity="dot", temperature=0.7, backend=backend)
     assert_close_fp32(out, hidden, returns, rollout_ids, offsets, similarity="dot", temperature=0.7)
 
 
-def test_no_tokens():
+def test_no_tokens(backend):
     out = sk.hista_values(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int32),
-                          torch.zeros(1, dtype=torch.int64))
+                          torch.zeros(1, dtype=torch.int64), backend=backend)
     assert out.values.shape == (0,) and out.lse.shape == (0,)
 
 
@@ -118,9 +118,9 @@ def test_tiling_crosses_groups_and_rollouts(seed, tile_elements):
     assert_close_fp32(sk.HistaOutput(values, lse), hidden, returns, rollout_ids, offsets, temperature=0.2)
 
 
-def test_long_group(seed):
+def test_long_group(seed, backend):
     hidden, returns, rollout_ids, offsets = make_batch([[700, 900, 650, 810]], 64)
-    out = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=0.1)
+    out = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=0.1, backend=backend)
     assert_close_fp32(out, hidden, returns, rollout_ids, offsets, temperature=0.1)
 
 
@@ -140,12 +140,13 @@ def plain_pytorch_in_dtype(hidden, returns, rollout_ids, offsets, temperature, s
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
-def test_low_precision_within_twice_plain_pytorch_error(seed, dtype, similarity):
+def test_low_precision_within_twice_plain_pytorch_error(seed, dtype, similarity, backend):
     groups = random_groups(4, 6, 15)
     d = 129
     hidden, returns, rollout_ids, offsets = make_batch(groups, d, dtype=dtype)
     temperature = 0.1 if similarity == "cosine" else float(d)
-    out = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=temperature, similarity=similarity)
+    out = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=temperature, similarity=similarity,
+                          backend=backend)
     want, _ = hista_oracle(hidden, returns, rollout_ids, offsets, temperature=temperature, similarity=similarity)
     plain = plain_pytorch_in_dtype(hidden, returns, rollout_ids, offsets, temperature, similarity)
     has_keys = torch.isfinite(hista_oracle(hidden, returns, rollout_ids, offsets, temperature=temperature,
@@ -155,22 +156,22 @@ def test_low_precision_within_twice_plain_pytorch_error(seed, dtype, similarity)
     assert ours_err <= 2 * plain_err + 1e-6, (ours_err, plain_err)
 
 
-def test_non_contiguous_inputs_and_inputs_untouched(seed):
+def test_non_contiguous_inputs_and_inputs_untouched(seed, backend):
     hidden, returns, rollout_ids, offsets = make_batch(random_groups(3, 4, 9), 31)
     n = hidden.shape[0]
     hidden_t = hidden.T.contiguous().T  # column-major view
     returns_s = torch.stack([returns, torch.zeros(n)], 1)[:, 0]
     before = (hidden_t.clone(), returns_s.clone())
-    out = sk.hista_values(hidden_t, returns_s, rollout_ids, offsets)
+    out = sk.hista_values(hidden_t, returns_s, rollout_ids, offsets, backend=backend)
     assert not hidden_t.is_contiguous() and not returns_s.is_contiguous()
     assert torch.equal(before[0], hidden_t) and torch.equal(before[1], returns_s)
     assert_close_fp32(out, hidden, returns, rollout_ids, offsets)
 
 
-def test_int64_ids_and_offsets_accepted(seed):
+def test_int64_ids_and_offsets_accepted(seed, backend):
     hidden, returns, rollout_ids, offsets = make_batch(random_groups(3, 4, 6), 12)
-    a = sk.hista_values(hidden, returns, rollout_ids, offsets)
-    b = sk.hista_values(hidden, returns, rollout_ids.long(), offsets.int())
+    a = sk.hista_values(hidden, returns, rollout_ids, offsets, backend=backend)
+    b = sk.hista_values(hidden, returns, rollout_ids.long(), offsets.int(), backend=backend)
     torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
 
 

@@ -41,45 +41,46 @@ def check(spans, returns, groups, mask, backend="reference", **kw):
 @pytest.mark.parametrize("match", ["last", "prefix"])
 @pytest.mark.parametrize("leave_one_out", [True, False])
 @pytest.mark.parametrize("min_support", [1, 2, 3])
-def test_random_spans_match_oracle(seed, match, leave_one_out, min_support):
+def test_random_spans_match_oracle(seed, match, leave_one_out, min_support, backend):
     batch, length = int(torch.randint(1, 13, ())), int(torch.randint(1, 40, ()))
     make = random_spans if match == "last" else prefix_friendly_spans
     spans = make(batch, length)
     groups = torch.randint(0, 3, (batch,)) * 7 - 5  # arbitrary ids, some groups of one rollout
     mask = torch.rand(batch, length) > 0.2
     check(spans, torch.randn(batch), groups, mask, match=match, leave_one_out=leave_one_out,
-          min_support=min_support, empty_value=-0.75)
+          min_support=min_support, empty_value=-0.75, backend=backend)
 
 
-def test_single_rollout_groups_and_empty_value(seed):
+def test_single_rollout_groups_and_empty_value(seed, backend):
     spans = random_spans(3, 10)
     mask = torch.ones(3, 10, dtype=torch.bool)
-    out = check(spans, torch.randn(3), torch.tensor([4, 5, 6]), mask, empty_value=2.5)
+    out = check(spans, torch.randn(3), torch.tensor([4, 5, 6]), mask, empty_value=2.5, backend=backend)
     assert (out == 2.5).all()
-    out = check(spans, torch.randn(3), torch.tensor([4, 5, 6]), mask, leave_one_out=False)  # itself only
+    # itself only
+    out = check(spans, torch.randn(3), torch.tensor([4, 5, 6]), mask, leave_one_out=False, backend=backend)
 
 
-def test_masked_tokens_get_zero_and_their_numbers_do_not_count(seed):
+def test_masked_tokens_get_zero_and_their_numbers_do_not_count(seed, backend):
     spans = random_spans(6, 25, keys=2, density=0.4)
     mask = torch.rand(6, 25) > 0.5
-    out = check(spans, torch.rand(6) + 1, torch.zeros(6, dtype=torch.int64), mask)
+    out = check(spans, torch.rand(6) + 1, torch.zeros(6, dtype=torch.int64), mask, backend=backend)
     assert (out[~mask] == 0).all() and (out[mask] != 0).all()
 
 
-def test_values_hold_between_milestones(seed):
+def test_values_hold_between_milestones(seed, backend):
     """[milestone 7, 9] vs peers: the value changes only at number tokens."""
     end = torch.tensor([[0, 1, 0, 0, 1, 0], [1, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
     key = torch.tensor([[0, 7, 0, 0, 9, 0], [7, 0, 0, 0, 0, 0], [0, 0, 9, 0, 0, 0]])
     returns = torch.tensor([0.0, 1.0, 3.0])
     spans = NumericSpans(end, key, None, None)
-    out = check(spans, returns, torch.zeros(3, dtype=torch.int64), torch.ones(3, 6, dtype=torch.bool))
+    out = check(spans, returns, torch.zeros(3, dtype=torch.int64), torch.ones(3, 6, dtype=torch.bool), backend=backend)
     assert out[0].tolist() == [2.0, 1.0, 1.0, 1.0, 3.0, 3.0]  # peers' mean, then who wrote 7, then 9
     prefix = check(spans, returns, torch.zeros(3, dtype=torch.int64), torch.ones(3, 6, dtype=torch.bool),
-                   match="prefix")
+                   match="prefix", backend=backend)
     assert prefix[0].tolist() == [2.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # nobody else wrote 7 then 9: held
 
 
-def test_spans_of_tokenized_rollouts(seed):
+def test_spans_of_tokenized_rollouts(seed, backend):
     """numeric_spans -> numca_values on texts where rollouts of a prompt reach the same numbers."""
     tok, vocab = tokenizer_and_vocab("llama3")
     rng = random.Random(seed)
@@ -91,39 +92,39 @@ def test_spans_of_tokenized_rollouts(seed):
     length = max(map(len, rows))
     ids = torch.tensor([r + [0] * (length - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], dtype=torch.bool)
-    spans = sk.numeric_spans(ids, vocab, mask)
+    spans = sk.numeric_spans(ids, vocab, mask, backend=backend)
     groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     for match in ("last", "prefix"):
-        check(spans, torch.rand(8), groups, mask, match=match, min_support=2)
+        check(spans, torch.rand(8), groups, mask, match=match, min_support=2, backend=backend)
 
 
-def test_no_numbers_and_empty_batches():
+def test_no_numbers_and_empty_batches(backend):
     spans = random_spans(4, 5, density=0.0)
     out = check(spans, torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 0, 1, 1]),
-                torch.ones(4, 5, dtype=torch.bool))
+                torch.ones(4, 5, dtype=torch.bool), backend=backend)
     assert out[0].tolist() == [2.0] * 5
     empty = sk.numca_values(random_spans(0, 5), torch.zeros(0), torch.zeros(0, dtype=torch.int64),
-                            torch.zeros(0, 5, dtype=torch.bool))
+                            torch.zeros(0, 5, dtype=torch.bool), backend=backend)
     assert empty.shape == (0, 5)
     assert sk.numca_values(random_spans(2, 0), torch.zeros(2), torch.zeros(2, dtype=torch.int64),
-                           torch.zeros(2, 0, dtype=torch.bool)).shape == (2, 0)
+                           torch.zeros(2, 0, dtype=torch.bool), backend=backend).shape == (2, 0)
 
 
-def test_numeric_masks_dtypes_and_non_contiguous(seed):
+def test_numeric_masks_dtypes_and_non_contiguous(seed, backend):
     spans = random_spans(5, 12, keys=3, density=0.4)
     returns = torch.randn(5, 2)[:, 1]
     groups = torch.tensor([1, 1, 2, 2, 2], dtype=torch.int32)
     mask = (torch.rand(5, 12) > 0.2).float()
-    want = sk.numca_values(spans, returns.contiguous(), groups.long(), mask.bool())
+    want = sk.numca_values(spans, returns.contiguous(), groups.long(), mask.bool(), backend=backend)
     before = (returns.clone(), mask.clone())
-    out = sk.numca_values(spans, returns, groups, mask)
+    out = sk.numca_values(spans, returns, groups, mask, backend=backend)
     assert torch.equal(out, want) and torch.equal(returns, before[0]) and torch.equal(mask, before[1])
-    out64 = sk.numca_values(spans, returns.double(), groups, mask.bool())
+    out64 = sk.numca_values(spans, returns.double(), groups, mask.bool(), backend=backend)
     torch.testing.assert_close(out64, want)
 
 
 @pytest.mark.parametrize("match", ["last", "prefix"])
-def test_non_contiguous_inputs_are_accepted_and_never_modified(seed, match):
+def test_non_contiguous_inputs_are_accepted_and_never_modified(seed, match, backend):
     """Every tensor argument a strided view (transposed or every other column); all left untouched."""
     spans = random_spans(6, 15, keys=3, density=0.4)
     returns, groups = torch.randn(6), torch.tensor([0, 0, 0, 4, 4, 4])
@@ -136,61 +137,61 @@ def test_non_contiguous_inputs_are_accepted_and_never_modified(seed, match):
     args = (NumericSpans(end_nc, key_nc, None, None), returns_nc, groups_nc, mask_nc)
     assert not any(x.is_contiguous() for x in (end_nc, key_nc, returns_nc, groups_nc, mask_nc))
     before = [x.clone() for x in (end_nc, key_nc, returns_nc, groups_nc, mask_nc)]
-    out = sk.numca_values(*args, match=match, min_support=2, backend="reference")
+    out = sk.numca_values(*args, match=match, min_support=2, backend=backend)
     for x, b in zip((end_nc, key_nc, returns_nc, groups_nc, mask_nc), before):
         assert torch.equal(x, b)
     want = numca_values_oracle(spans.end, spans.key, returns, groups, mask, match=match, min_support=2)
     torch.testing.assert_close(out.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
 
 
-def test_plain_tuple_and_list_spans(seed):
+def test_plain_tuple_and_list_spans(seed, backend):
     """Common rules of docs/CONTRACT.md: any NumericSpans, also built by hand; a plain (end, key, value, start) too."""
     spans = random_spans(5, 9, keys=2, density=0.4)
     returns, groups, mask = torch.randn(5), torch.tensor([0, 0, 1, 1, 1]), torch.rand(5, 9) > 0.1
     want = numca_values_oracle(spans.end, spans.key, returns, groups, mask, match="prefix")
     for given in (tuple(spans), list(spans), (spans.end, spans.key, None, None), spans):
-        out = sk.numca_values(given, returns, groups, mask, match="prefix")
+        out = sk.numca_values(given, returns, groups, mask, match="prefix", backend=backend)
         torch.testing.assert_close(out.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
 
 
-def test_numpy_scalars_are_accepted(seed):
+def test_numpy_scalars_are_accepted(seed, backend):
     spans = random_spans(7, 11, keys=2, density=0.4)
     returns, groups, mask = torch.randn(7), torch.tensor([0, 0, 0, 0, 1, 1, 2]), torch.rand(7, 11) > 0.1
     for min_support, empty_value, loo in ((np.int64(2), np.float64(-1.5), np.bool_(True)),
                                           (np.int32(3), np.float32(0.25), np.bool_(False)),
                                           (np.uint8(2), np.int16(4), True)):
         out = sk.numca_values(spans, returns, groups, mask, min_support=min_support, empty_value=empty_value,
-                              leave_one_out=loo)
+                              leave_one_out=loo, backend=backend)
         want = numca_values_oracle(spans.end, spans.key, returns, groups, mask, min_support=int(min_support),
                                    empty_value=float(empty_value), leave_one_out=bool(loo))
         torch.testing.assert_close(out.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
 
 
-def test_largest_min_support_means_no_milestone(seed):
+def test_largest_min_support_means_no_milestone(seed, backend):
     """min_support up to the int64 maximum: no milestone ever has that much support, so the peers' mean."""
     spans = random_spans(4, 8, keys=1, density=0.5)
     returns, groups, mask = torch.randn(4), torch.zeros(4, dtype=torch.int64), torch.ones(4, 8, dtype=torch.bool)
-    out = sk.numca_values(spans, returns, groups, mask, min_support=np.int64(2 ** 63 - 1))
+    out = sk.numca_values(spans, returns, groups, mask, min_support=np.int64(2 ** 63 - 1), backend=backend)
     want = numca_values_oracle(spans.end, spans.key, returns, groups, mask, min_support=2 ** 63 - 1)
     torch.testing.assert_close(out.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
 
 
-def test_opcheck(seed):
+def test_opcheck(seed, backend):
     spans = random_spans(6, 20, keys=3, density=0.3)
     mask = torch.rand(6, 20) > 0.2
     op = torch.ops.sveb.numca_values.default
     for match in ("last", "prefix"):
         torch.library.opcheck(op, (spans.end, spans.key, torch.randn(6), torch.tensor([0, 0, 0, 1, 1, 2]), mask,
-                                   match, True, 1, 0.0, "reference"))
+                                   match, True, 1, 0.0, backend))
 
 
-def test_compile_fullgraph_inductor(seed):
+def test_compile_fullgraph_inductor(seed, backend):
     spans = random_spans(6, 20, keys=3, density=0.3)
     mask = torch.rand(6, 20) > 0.2
     returns, groups = torch.randn(6), torch.tensor([0, 0, 0, 1, 1, 1])
     fn = torch.compile(lambda e, k, r, g, m: sk.numca_values(NumericSpans(e, k, None, None), r, g, m, match="prefix",
-                                                             min_support=2) * 2, fullgraph=True)
-    want = sk.numca_values(spans, returns, groups, mask, match="prefix", min_support=2) * 2
+                                                             min_support=2, backend=backend) * 2, fullgraph=True)
+    want = sk.numca_values(spans, returns, groups, mask, match="prefix", min_support=2, backend=backend) * 2
     torch.testing.assert_close(fn(spans.end, spans.key, returns, groups, mask), want)
 
 
@@ -249,7 +250,7 @@ def test_bad_input(override, exc, word):
     (None, None, False), (None, True, True), (None, False, False),
     ("1", None, True), ("1", False, False), ("0", None, False), ("0", True, True), ("", None, False),
 ])
-def test_validate_scans_returns(monkeypatch, env, validate, scans):
+def test_validate_scans_returns(monkeypatch, env, validate, scans, backend):
     """The NaN scan of returns is opt-in: validate=True, or validate=None with SVEB_VALIDATE=1."""
     if env is None:
         monkeypatch.delenv("SVEB_VALIDATE", raising=False)
@@ -260,20 +261,20 @@ def test_validate_scans_returns(monkeypatch, env, validate, scans):
     positional = [args.pop(k) for k in ("spans", "returns", "group_index", "mask")]
     if scans:
         with pytest.raises(ValueError, match="returns"):
-            sk.numca_values(*positional, validate=validate)
+            sk.numca_values(*positional, validate=validate, backend=backend)
     else:
-        sk.numca_values(*positional, validate=validate)
+        sk.numca_values(*positional, validate=validate, backend=backend)
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("match,min_support", [("last", 1), ("prefix", 1), ("last", 2)])
-def test_nonfinite_returns_poison_exactly_their_dependents(seed, poison, match, min_support):
+def test_nonfinite_returns_poison_exactly_their_dependents(seed, poison, match, min_support, backend):
     """docs/CONTRACT.md "Common rules" (tests/nonfinite_cases.py): values that average a NaN/inf return
     are non-finite, the others are as the oracle says; validate=True raises instead."""
     from nonfinite_cases import check_numca_nonfinite, numca_poison_case
 
     clean, poisoned, bad = numca_poison_case(poison, match=match, min_support=min_support)
-    out = sk.numca_values(**poisoned, backend="reference")
+    out = sk.numca_values(**poisoned, backend=backend)
     check_numca_nonfinite(out, clean, bad, poison)
     with pytest.raises(ValueError, match="returns"):
-        sk.numca_values(**poisoned, backend="reference", validate=True)
+        sk.numca_values(**poisoned, backend=backend, validate=True)

@@ -31,6 +31,7 @@ from . import reference as _reference
 _backend.register("gae", "reference", lambda: _reference.gae)
 _backend.register("gae", "triton", lambda: importlib.import_module(".triton", __name__).gae)
 _backend.register("gae", "cuda", lambda: importlib.import_module(".cuda", __name__).gae)
+_backend.register("gae", "cpp", lambda: importlib.import_module(".cpp", __name__).gae)
 
 _MASK_DTYPES = (torch.bool,) + _checks.INT_DTYPES + _checks.FLOAT_DTYPES
 
@@ -52,7 +53,7 @@ def gae(
         values: [B, T] float, the critic's (or Hista's / Numca's) value estimates.
         mask: [B, T] bool, or 0/1 of an integer or float dtype; nonzero = a response token.
         gamma, lam: discount and GAE lambda, each in [0, 1].
-        backend: "auto" (SVEB_BACKEND, else the fastest for the device), "reference", "triton", "cuda".
+        backend: "auto" (SVEB_BACKEND, else the fastest for the device), "reference", "triton", "cuda", "cpp".
         validate: also check that rewards/values are finite and the mask is 0/1 (default: SVEB_VALIDATE=1).
 
     Returns:

@@ -36,6 +36,7 @@ class HistaOutput(NamedTuple):
 _backend.register("hista_values", "reference", lambda: _reference.hista_values)
 _backend.register("hista_values", "triton", lambda: importlib.import_module(".triton", __name__).hista_values)
 _backend.register("hista_values", "cuda", lambda: importlib.import_module(".cuda", __name__).hista_values)
+_backend.register("hista_values", "cpp", lambda: importlib.import_module(".cpp", __name__).hista_values)
 
 
 def hista_values(
@@ -65,7 +66,7 @@ def hista_values(
         key_mask: optional [N] bool; False removes the token from every key set.
         key_bias: optional [N] float, added to the logit of key j (e.g. -log len(rollout of j)).
         empty_value: the value of a token with no keys (single-rollout group, all keys masked).
-        backend: "auto" (SVEB_BACKEND, else the fastest for the device), "reference", "triton", "cuda".
+        backend: "auto" (SVEB_BACKEND, else the fastest for the device), "reference", "triton", "cuda", "cpp".
         validate: also scan the tensors for NaN/inf (default: SVEB_VALIDATE=1).
 
     Returns:

@@ -75,6 +75,8 @@ _backend.register("numeric_spans", "cuda", lambda: importlib.import_module(".cud
 _backend.register("numca_values", "reference", lambda: _reference.numca_values)
 _backend.register("numca_values", "triton", _load_triton("numca_values"))
 _backend.register("numca_values", "cuda", lambda: importlib.import_module(".cuda", __name__).numca_values)
+_backend.register("numeric_spans", "cpp", lambda: importlib.import_module(".cpp", __name__).numeric_spans)
+_backend.register("numca_values", "cpp", lambda: importlib.import_module(".cpp", __name__).numca_values)
 
 
 def _as_bool_mask(name: str, mask: Tensor, shape, device) -> Tensor:
@@ -123,7 +125,7 @@ def numeric_spans(
         token_ids: [B, T] int32/int64 token ids of the rows (prompt and/or response).
         vocab: the tokenizer's NumericVocab (or its `.table`), on the same device as token_ids.
         mask: optional [B, T] bool (or 0/1 numeric); False tokens are one separator byte 0x00.
-        backend: "auto" (SVEB_BACKEND, else the fastest for the device), "reference", "triton", "cuda".
+        backend: "auto" (SVEB_BACKEND, else the fastest for the device), "reference", "triton", "cuda", "cpp".
         validate: token ids are checked to lie in [0, V) (one min/max reduction, for a clear
             ValueError: the kernels never read outside the table, ids outside it read as separators).
             The check runs by default; validate=False, or validate=None with SVEB_VALIDATE=0, skips
@@ -181,7 +183,7 @@ def numca_values(
         min_support: int >= 1 (Python or numpy), the peers a milestone needs; with fewer the previous
             value is kept.
         empty_value: float (Python or numpy), the value when a rollout has no peers at all.
-        backend: "auto" (SVEB_BACKEND, else the fastest for the device), "reference", "triton", "cuda".
+        backend: "auto" (SVEB_BACKEND, else the fastest for the device), "reference", "triton", "cuda", "cpp".
         validate: also check that returns are finite (default: only when SVEB_VALIDATE=1).
 
     Returns:
