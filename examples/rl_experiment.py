@@ -293,8 +293,9 @@ def trainer_class():
                           "success_rate": float((rewards == 1.0).double().mean()),
                           "estimator_seconds": estimator_seconds}
                 record.update(self.diagnostics.score(self, output))
+                record["diagnostic_seconds"] = time.perf_counter() - started
                 self.records.append(record)
-                self._diagnostic_seconds += time.perf_counter() - started
+                self._diagnostic_seconds += record["diagnostic_seconds"]
             return advantages
 
     return RecordingTrainer
@@ -466,9 +467,15 @@ def parse_args(argv=None):
     p.add_argument("--csv", help="per-step CSV")
     p.add_argument("--plot", help="reward-vs-step PNG")
     p.add_argument("--table", help="write the README table (markdown) here")
+    p.add_argument("--warm-cache", help="load the warm-start checkpoint from this file if it was made with the same "
+                   "settings, else make it and save it there")
     p.add_argument("--quick", action="store_true", help="a few steps at tiny sizes: checks plumbing and logging")
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--seeds", type=int, help="number of seeds (0..n-1)")
+    p.add_argument("--seed", type=int, help="run this one seed only (to spread the grid over processes; --merge "
+                   "their JSONs afterwards)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="no training: combine the runs of these result files "
+                   "(same settings) into --out, --csv, --plot, --table")
     p.add_argument("--steps", type=int, help="RL steps per run")
     for name in ("prompts_per_step", "generations", "hidden_size", "layers", "warm_max_steps", "eval_prompts"):
         p.add_argument("--" + name.replace("_", "-"), type=int)
@@ -477,8 +484,50 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def finish(result: dict, methods, a, log) -> None:
+    if a.csv:
+        write_csv(result["runs"], a.csv)
+    if a.plot:
+        plot(result["runs"], methods, a.plot)
+    text = table(result["summary"])
+    if a.table:
+        with open(a.table, "w") as f:
+            f.write(text + "\n")
+    log(f"{len(result['runs'])} runs, {result['wall_seconds']:.0f}s of wall time\n{text}")
+
+
+def merge(a, log) -> dict:
+    parts = []
+    for path in a.merge:
+        with open(path) as f:
+            parts.append(json.load(f))
+    settings = [{k: v for k, v in p["config"].items() if k != "seeds"} for p in parts]
+    if any(s != settings[0] for s in settings[1:]):
+        raise SystemExit("the result files were made with different settings")
+    runs = sorted((r for p in parts for r in p["runs"]), key=lambda r: (r["seed"], r["method"]))
+    methods = tuple(parts[0]["config"]["methods"])
+    result = {"config": dict(parts[0]["config"], seeds=sorted({r["seed"] for r in runs})),
+              "merged_from": [{"file": os.path.basename(path), "complete": p["complete"], "runs": len(p["runs"]),
+                               "wall_seconds": p["wall_seconds"], "load_at_start": p["environment"]["load_at_start"],
+                               "load_at_end": p["load_now"]} for path, p in zip(a.merge, parts)],
+              "environment": parts[0]["environment"], "warm_start": parts[0]["warm_start"], "runs": runs,
+              "complete": all(p["complete"] for p in parts),
+              "wall_seconds": max(p["wall_seconds"] for p in parts)}
+    result["summary"] = summarize(runs, methods)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1, default=float)
+    finish(result, methods, a, log)
+    return result
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    if a.merge:
+        return merge(a, log)
     cfg = quick_config() if a.quick else Config()
     if a.methods:
         unknown = set(a.methods.split(",")) - set(METHODS)
@@ -487,6 +536,8 @@ def main(argv=None) -> dict:
         cfg.methods = tuple(a.methods.split(","))
     if a.seeds:
         cfg.seeds = tuple(range(a.seeds))
+    if a.seed is not None:
+        cfg.seeds = (a.seed,)
     for name in ("steps", "prompts_per_step", "generations", "hidden_size", "layers", "warm_max_steps",
                  "eval_prompts", "learning_rate", "warm_target"):
         if getattr(a, name) is not None:
@@ -494,15 +545,21 @@ def main(argv=None) -> dict:
     # Matrices this small gain nothing from a second thread, and spinning OpenMP threads slow
     # everything down on a shared CPU.
     torch.set_num_threads(1)
-
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
     out_dir = os.path.dirname(os.path.abspath(a.out))
     os.makedirs(out_dir, exist_ok=True)
     started = time.perf_counter()
     tokenizer = tiny.build_tokenizer()
-    warm_state, warm_history = warm_start(cfg, tokenizer, log)
+    warm_key = {k: v for k, v in asdict(cfg).items() if k.startswith("warm_") or k in (
+        "hidden_size", "layers", "chain_steps", "max_start", "max_operand", "max_completion_length")}
+    cached = torch.load(a.warm_cache, weights_only=False) if a.warm_cache and os.path.exists(a.warm_cache) else None
+    if cached is not None and cached["key"] == json.loads(json.dumps(warm_key)):
+        warm_state, warm_history = cached["state"], cached["history"]
+        log(f"warm start: loaded {a.warm_cache} (success {warm_history[-1]['success']:.3f})")
+    else:
+        warm_state, warm_history = warm_start(cfg, tokenizer, log)
+        if a.warm_cache:
+            torch.save({"key": json.loads(json.dumps(warm_key)), "state": warm_state, "history": warm_history},
+                       a.warm_cache)
     result = {"config": asdict(cfg), "environment": {"python": platform.python_version(), "torch": torch.__version__,
                                                       "cpus": os.cpu_count(), "threads": 1,
                                                       "load_at_start": os.getloadavg()},
@@ -525,15 +582,7 @@ def main(argv=None) -> dict:
             save()
     result["complete"] = True
     save()
-    if a.csv:
-        write_csv(result["runs"], a.csv)
-    if a.plot:
-        plot(result["runs"], cfg.methods, a.plot)
-    text = table(result["summary"])
-    if a.table:
-        with open(a.table, "w") as f:
-            f.write(text + "\n")
-    log(f"done in {result['wall_seconds']:.0f}s\n{text}")
+    finish(result, cfg.methods, a, log)
     return result
 
 

@@ -66,6 +66,13 @@ def test_quick_mode_runs_every_method_and_logs_every_step(experiment, tmp_path):
         lines = f.read().strip().splitlines()
     assert len(lines) == 2 + len(experiment.METHODS)
 
+    merged = str(tmp_path / "merged.json")  # how a grid spread over processes is put together
+    experiment.main(["--merge", out, "--out", merged])
+    with open(merged) as f:
+        again = json.load(f)
+    assert again["runs"] == sorted(runs, key=lambda r: (r["seed"], r["method"]))
+    assert again["summary"] == result["summary"] and again["complete"]
+
 
 def test_slip_model_parse_and_reward(experiment, seed):
     rng = np.random.default_rng(seed)
