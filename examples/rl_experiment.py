@@ -27,14 +27,15 @@ step per line, then "Answer: N"; reward 1 when N is the true answer, else 0.
    rate on held-out prompts (`--eval-prompts` x `--eval-samples`, temperature 1).
 
 Reference values. The task's closed form (`task.prefix_value`) is the exact value of a text
-prefix under the task's *slip model*: every written result is off by a slip from SLIPS
-(+-1, +-10) with probability p, independently. The RL policy is a neural net, not that model,
-so its exact values have no closed form. Here a completion that the slip model could have
-written (the task's exact format, operands copied faithfully, every result correct or off by a
-slip in SLIPS) gets, at each state, `task.prefix_value` with p = the per-step slip rate the
-policy showed in that step's batch; other completions (format errors, other mistakes) are left
-out of the Pearson, and their share is logged (`coverage`). It is the best closed-form proxy of
-the policy's own values, not its exact values; see the README section for what that means.
+prefix under the task's *slip model* (each result off by +-1 or +-10 with probability p). The RL
+policy is a neural net whose mistakes are other ones (off by 2, miscopied running values, an
+answer that is not the last result), so its exact values have no closed form. `ErrorModel` keeps
+the closed form's structure but replaces the slip model with the policy's own mistakes, measured
+on the step's batch: each number it writes (running value, result, answer) deviates from what it
+should be by an independent draw from that kind's measured deviations. Completions in the
+task's format (ended by EOS, operands copied) get these values at every state; the others are
+left out of the Pearson and their share is logged (`coverage`). It is a closed-form proxy of the
+policy's values (exact if its mistakes were independent of the numbers), not the exact values.
 
 Outputs: `--out` JSON (config, warm start, every run's steps and final eval, a summary), `--csv`
 one row per (method, seed, step), `--plot` reward vs step per method (mean and min-max over
@@ -68,7 +69,6 @@ from sveb_kernels.sveb import metrics, task, tiny
 METHODS = ("grpo", "numca", "hista", "numca_gae")
 DIAGNOSTIC_ESTIMATORS = ("group_mean", "numca", "hista")
 ANSWER = re.compile(r"Answer: (-?\d+)(?!\d)")
-LINE = re.compile(r"(-?\d+) ([+-]) (\d+) = (-?\d+)")
 _STREAM_WARM, _STREAM_RL, _STREAM_EVAL = 11, 12, 13
 
 
@@ -125,20 +125,94 @@ def reward_of(text: str, answer: int) -> float:
     return float(found is not None and int(found.group(1)) == answer)
 
 
-def slip_model_rollout(problem: task.ArithProblem, text: str):
-    """The task rollout with this exact text if the slip model could have written it, else None."""
-    found = LINE.findall(text)
-    if len(found) != len(problem.operands):
+@dataclass(frozen=True)
+class Written:
+    """A completion in the task's format, as the numbers it wrote, in order: (kind, start, end,
+    expected, written) with kind "copy" (a line's running value, expected: the previous line's
+    result, or the start), "result" (expected: the line's running value plus its operand) or
+    "answer" (expected: the last result); [start, end) is where the number sits in `text`."""
+
+    text: str
+    events: tuple
+
+    @property
+    def offset(self) -> int:
+        """The final answer minus the true answer: the sum of every number's deviation."""
+        return sum(written - expected for _, _, _, expected, written in self.events)
+
+
+def parse_written(problem: task.ArithProblem, text: str):
+    """`Written` if `text` has the task's format for this problem (its operands copied faithfully), else None."""
+    lines = "".join(rf"(-?\d+) {re.escape('+' if b >= 0 else '-')} {abs(b)} = (-?\d+)\n" for b in problem.operands)
+    match = re.fullmatch(lines + r"Answer: (-?\d+)", text)
+    if match is None:
         return None
-    slips, previous = [], problem.start
-    for (_, _, _, result), operand in zip(found, problem.operands):
-        slip = int(result) - (previous + operand)
-        if slip != 0 and slip not in task.SLIPS:
-            return None
-        slips.append(slip)
-        previous = int(result)
-    rollout = task.write_rollout(problem, slips)
-    return rollout if rollout.text == text else None
+    events, previous = [], problem.start
+    for k, operand in enumerate(problem.operands):
+        head, result = int(match.group(2 * k + 1)), int(match.group(2 * k + 2))
+        events.append(("copy",) + match.span(2 * k + 1) + (previous, head))
+        events.append(("result",) + match.span(2 * k + 2) + (head + operand, result))
+        previous = result
+    events.append(("answer",) + match.span(len(problem.operands) * 2 + 1) + (previous, int(match.group(2 * k + 3))))
+    return Written(text, tuple(events))
+
+
+class ErrorModel:
+    """The embedded task's closed form (`task.prefix_value`) with the slip model replaced by the
+    policy's own mistakes: every number the policy writes deviates from what it should be (given
+    what it wrote before) by an independent draw from the distribution of that kind of number's
+    deviations (copy, result, answer), measured on a batch of the policy's completions. The
+    reward is 1 when the deviations sum to 0, so the value of a prefix is: the deviations of the
+    numbers it finished are known, the number being written is one of the candidates its digits
+    allow (weighted by the distribution), and the numbers still to come add independent draws.
+    With copy and answer deviations always 0 and result deviations the slip distribution, this is
+    exactly `task.prefix_value`."""
+
+    def __init__(self, distributions: dict):
+        self.distributions = distributions
+        self._tails: dict = {}
+
+    @classmethod
+    def measured(cls, completions) -> "ErrorModel":
+        counts = {"copy": {}, "result": {}, "answer": {}}
+        for written in completions:
+            for kind, _, _, expected, value in written.events:
+                counts[kind][value - expected] = counts[kind].get(value - expected, 0) + 1
+        return cls({kind: {d: n / sum(c.values()) for d, n in c.items()} if c else {0: 1.0}
+                    for kind, c in counts.items()})
+
+    def error_rate(self, kind: str) -> float:
+        return 1.0 - self.distributions[kind].get(0, 0.0)
+
+    def tail(self, kinds: tuple) -> dict:
+        """Distribution of the summed deviations of numbers of these kinds."""
+        if kinds not in self._tails:
+            dist = {0: 1.0}
+            for kind in kinds:
+                nxt: dict = {}
+                for total, p in dist.items():
+                    for d, q in self.distributions[kind].items():
+                        nxt[total + d] = nxt.get(total + d, 0.0) + p * q
+                dist = nxt
+            self._tails[kinds] = dist
+        return self._tails[kinds]
+
+    def value(self, written: Written, length: int) -> float:
+        """P(reward 1 | the first `length` characters of the completion) under this model."""
+        known = 0
+        for k, (kind, start, end, expected, value) in enumerate(written.events):
+            if length > end:  # finished: the character after it is written
+                known += value - expected
+                continue
+            so_far = written.text[start:length] if length > start else ""
+            tail = self.tail(tuple(e[0] for e in written.events[k + 1:]))
+            numer = denom = 0.0
+            for d, p in self.distributions[kind].items():
+                if str(expected + d).startswith(so_far):
+                    denom += p
+                    numer += p * tail.get(-(known + d), 0.0)
+            return numer / denom if denom > 0 else float("nan")
+        return float(known == 0)
 
 
 # -- sampling and the warm start ----------------------------------------------------------------------
@@ -209,37 +283,38 @@ class Diagnostics:
         return arith_reward
 
     def reference(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor):
-        """[B, C] slip-model values of the states before each completion token (NaN: not covered), p."""
+        """[B, C] values of the states before each completion token under the policy's measured
+        error model (NaN: a completion not in the task's format, or cut off), the model, and counts."""
         rows, length = completion_ids.shape
         ref = torch.full((rows, length), float("nan"), dtype=torch.float64)
-        parsed = []
+        parsed, terminated = [], 0
         for b in range(rows):
             ids = completion_ids[b][completion_mask[b].bool()].tolist()
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             ends = np.cumsum([self.lengths[i] for i in ids]).tolist()
             ended = bool(ids) and ids[-1] == self.tokenizer.eos_token_id
-            rollout = slip_model_rollout(self.batch_problems[b], text) if ended and ends[-1] == len(text) else None
-            parsed.append((rollout, ends))
-        slips = [s for r, _ in parsed if r is not None for s in r.slips]
-        p = min(max(float(np.mean([s != 0 for s in slips])) if slips else 0.5, 0.02), 0.98)
-        for b, (rollout, ends) in enumerate(parsed):
-            if rollout is None:
-                continue
-            rollout = task.write_rollout(task.ArithProblem(rollout.problem.start, rollout.problem.operands, p),
-                                         rollout.slips)
-            prefix = [0] + ends[:-1]  # the state before token t is the text of tokens 0..t-1
-            ref[b, :len(prefix)] = torch.tensor(task.prefix_values(rollout, prefix), dtype=torch.float64)
-        return ref, p, sum(r is not None for r, _ in parsed) / max(rows, 1)
+            terminated += ended
+            written = parse_written(self.batch_problems[b], text) if ended and ends[-1] == len(text) else None
+            parsed.append((written, ends))
+        model = ErrorModel.measured([w for w, _ in parsed if w is not None])
+        for b, (written, ends) in enumerate(parsed):
+            if written is not None:
+                prefix = [0] + ends[:-1]  # the state before token t is the text of tokens 0..t-1
+                ref[b, :len(prefix)] = torch.tensor([model.value(written, n) for n in prefix], dtype=torch.float64)
+        counts = {"terminated": terminated / max(rows, 1),
+                  "coverage": sum(w is not None for w, _ in parsed) / max(rows, 1)}
+        return ref, model, counts
 
     def score(self, trainer, output) -> dict:
         last = trainer.sveb_last
         batch, mask = last.batch, last.token_mask.cpu()
-        ref, p, coverage = self.reference(output["completion_ids"].cpu(), output["completion_mask"].cpu())
+        ref, model, counts = self.reference(output["completion_ids"].cpu(), output["completion_mask"].cpu())
         length = mask.shape[1]
         covered = mask & ~torch.isnan(ref[:, :length])
         group = last.batch.group_index.cpu()[:, None].expand(-1, length)[covered].numpy()
         truth = ref[:, :length][covered].numpy()
-        record = {"slip_rate": p, "coverage": coverage, "scored_states": int(covered.sum()),
+        record = {**counts, **{f"error_rate/{k}": model.error_rate(k) for k in ("copy", "result", "answer")},
+                  "scored_states": int(covered.sum()),
                   "reference_within_std": _within_std(truth, group)}
         for name, estimator in self.estimators.items():
             values = estimator.estimate(batch)[:, :length].detach().cpu().double()

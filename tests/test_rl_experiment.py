@@ -47,7 +47,8 @@ def test_quick_mode_runs_every_method_and_logs_every_step(experiment, tmp_path):
             assert 0.0 <= s["success_rate"] <= s["mean_reward"] <= 1.0  # 0/1 reward: equal
             assert s["success_rate"] == s["mean_reward"]
             assert 0.0 < s["estimator_seconds"] < s["step_seconds"]
-            assert 0.0 <= s["coverage"] <= 1.0 and 0.02 <= s["slip_rate"] <= 0.98
+            assert 0.0 <= s["coverage"] <= s["terminated"] <= 1.0
+            assert all(0.0 <= s[f"error_rate/{k}"] <= 1.0 for k in ("copy", "result", "answer"))
             for name in experiment.DIAGNOSTIC_ESTIMATORS:
                 r = s[f"{name}/within_pearson"]
                 assert (math.isnan(r) and s["scored_states"] == 0) or -1.0 <= r <= 1.0
@@ -77,54 +78,80 @@ def test_quick_mode_runs_every_method_and_logs_every_step(experiment, tmp_path):
     assert same(again["summary"], result["summary"]) and again["complete"]
 
 
-def test_slip_model_parse_and_reward(experiment, seed):
+def _random_written(experiment, rng, cfg):
+    problem = experiment.sample_problem(rng, cfg)
+    slips = [int(rng.choice((0, 0, 2, -3) + task.SLIPS)) for _ in problem.operands]
+    return problem, slips, task.write_rollout(problem, slips)
+
+
+def test_parse_written_and_reward(experiment, seed):
     rng = np.random.default_rng(seed)
     cfg = experiment.Config()
     for _ in range(20):
-        problem = experiment.sample_problem(rng, cfg)
-        slips = [int(rng.choice((0,) + task.SLIPS)) for _ in problem.operands]
-        rollout = task.write_rollout(problem, slips)
-        parsed = experiment.slip_model_rollout(problem, rollout.text)
-        assert parsed is not None and list(parsed.slips) == slips
-        assert experiment.reward_of(rollout.text, problem.answer) == rollout.reward
-        # a miscopied running value, a mistake the slip model never makes, no answer: not its text
+        problem, slips, rollout = _random_written(experiment, rng, cfg)
+        written = experiment.parse_written(problem, rollout.text)
+        assert [e[4] - e[3] for e in written.events if e[0] == "result"] == slips
+        assert all(e[4] == e[3] for e in written.events if e[0] != "result")
+        assert (written.offset == 0) == bool(rollout.reward) == bool(experiment.reward_of(rollout.text, problem.answer))
+        for kind, start, end, _, value in written.events:
+            assert rollout.text[start:end] == str(value)
+        # a miscopied running value and a wrong answer are the policy's mistakes too: deviations
         lines = rollout.text.split("\n")
         value, rest = lines[1].split(" ", 1)
-        miscopied = "\n".join(lines[:1] + [f"{int(value) + 1} {rest}"] + lines[2:])
-        assert experiment.slip_model_rollout(problem, miscopied) is None
-        off_model = task.write_rollout(problem, [2] + slips[1:]).text
-        assert experiment.slip_model_rollout(problem, off_model) is None
-        assert experiment.slip_model_rollout(problem, rollout.text.rsplit("\n", 1)[0]) is None
+        miscopied = experiment.parse_written(problem, "\n".join(lines[:1] + [f"{int(value) + 3} {rest}"] + lines[2:]))
+        assert [e[4] - e[3] for e in miscopied.events if e[0] == "copy"] == [0, 3] + [0] * (len(slips) - 2)
+        # a miscopied operand, a missing answer: not the task's format
+        assert experiment.parse_written(problem, rollout.text.replace(f" {abs(problem.operands[0])} =", " 0 =", 1)) is None
+        assert experiment.parse_written(problem, rollout.text.rsplit("\n", 1)[0]) is None
 
 
-def test_reference_values_are_the_closed_form_before_each_token(experiment, seed):
+def test_error_model_with_the_slip_distribution_is_the_task_closed_form(experiment, seed):
+    rng = np.random.default_rng(seed)
+    cfg = experiment.Config()
+    for _ in range(10):
+        problem, _, _ = _random_written(experiment, rng, cfg)
+        problem = task.ArithProblem(problem.start, problem.operands, float(rng.uniform(0.05, 0.5)))
+        rollout = task.sample_rollout(problem, rng)
+        model = experiment.ErrorModel({"copy": {0: 1.0}, "answer": {0: 1.0},
+                                       "result": task._step_distribution(problem.slip_prob)})
+        written = experiment.parse_written(problem, rollout.text)
+        for n in range(len(rollout.text) + 1):
+            assert model.value(written, n) == pytest.approx(task.prefix_value(rollout, n), abs=1e-12)
+
+
+def test_reference_values_are_the_error_model_before_each_token(experiment, seed):
     rng = np.random.default_rng(seed)
     tokenizer = tiny.build_tokenizer()
     diagnostics = experiment.Diagnostics(tokenizer)
     cfg = experiment.Config()
-    problems = [experiment.sample_problem(rng, cfg) for _ in range(3)]
-    slips = [[int(rng.choice((0, 0) + task.SLIPS)) for _ in p.operands] for p in problems]
-    texts = [task.write_rollout(p, s).text for p, s in zip(problems, slips)]
+    drawn = [_random_written(experiment, rng, cfg) for _ in range(4)]
+    problems = [p for p, _, _ in drawn]
+    texts = [r.text for _, _, r in drawn]
     texts[2] = texts[2].replace("Answer", "Answr")  # off-format: not covered
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    ids[3] = ids[3][:-1]  # cut off before EOS: not covered
     length = max(map(len, ids)) + 2
-    completion_ids = torch.full((3, length), tokenizer.pad_token_id)
-    completion_mask = torch.zeros(3, length, dtype=torch.long)
+    completion_ids = torch.full((4, length), tokenizer.pad_token_id)
+    completion_mask = torch.zeros(4, length, dtype=torch.long)
     for b, row in enumerate(ids):
         completion_ids[b, :len(row)] = torch.tensor(row)
         completion_mask[b, :len(row)] = 1
     diagnostics.batch_problems = problems
-    ref, p, coverage = diagnostics.reference(completion_ids, completion_mask)
-    nonzero = sum(s != 0 for row in slips[:2] for s in row)
-    assert p == pytest.approx(min(max(nonzero / sum(len(row) for row in slips[:2]), 0.02), 0.98))
-    assert coverage == pytest.approx(2 / 3)
-    assert torch.isnan(ref[2]).all()
+    ref, model, counts = diagnostics.reference(completion_ids, completion_mask)
+    assert counts == {"terminated": 0.75, "coverage": 0.5}
+    written = [experiment.parse_written(p, t) for p, t in zip(problems[:2], texts[:2])]
+    # the measured distribution: every deviation of the two covered completions, by kind
+    results = [e[4] - e[3] for w in written for e in w.events if e[0] == "result"]
+    assert model.distributions["result"] == pytest.approx({d: results.count(d) / len(results) for d in set(results)})
+    assert model.distributions["copy"] == {0: 1.0} and model.distributions["answer"] == {0: 1.0}
+    assert torch.isnan(ref[2:]).all()
     for b in range(2):
-        rollout = task.write_rollout(task.ArithProblem(problems[b].start, problems[b].operands, p), slips[b])
         n = len(ids[b])
         # before token t the text is the decoded first t tokens
-        expected = [task.prefix_value(rollout, len(tokenizer.decode(ids[b][:t], skip_special_tokens=True)))
+        expected = [model.value(written[b], len(tokenizer.decode(ids[b][:t], skip_special_tokens=True)))
                     for t in range(n)]
         assert ref[b, :n].tolist() == pytest.approx(expected, abs=1e-12)
-        assert ref[b, n - 1] == rollout.reward  # before EOS the whole text is written: the outcome
         assert torch.isnan(ref[b, n:]).all()
+        assert all(0.0 <= v <= 1.0 for v in expected)
+        # before the first token: the chance that all deviations to come cancel
+        assert expected[0] == pytest.approx(model.tail(tuple(e[0] for e in written[b].events)).get(0, 0.0))
