@@ -437,13 +437,13 @@ def _nanmean(x, axis=None):
 
 
 def mean_ci(xs: list[float]) -> tuple[float, float, float]:
-    """Mean and a 95% t interval over seeds (the interval is NaN for one seed)."""
+    """Mean and a 95% t interval over seeds, clipped to [0, 1] (NaN for one seed)."""
     x = np.asarray(xs, dtype=np.float64)
     m = float(x.mean())
     if x.size < 2:
         return m, float("nan"), float("nan")
     half = T_95.get(x.size - 1, 1.96) * float(x.std(ddof=1)) / math.sqrt(x.size)
-    return m, m - half, m + half
+    return m, max(m - half, 0.0), min(m + half, 1.0)  # a success rate lies in [0, 1]
 
 
 def smoothed_mean_curve(runs: list[dict], window: int) -> np.ndarray:
