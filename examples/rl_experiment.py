@@ -494,7 +494,17 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], methods, path: str) -> None:
+def _moving_nanmean(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving mean along the last axis over the finite entries."""
+    finite = np.isfinite(y)
+    total = np.cumsum(np.where(finite, y, 0.0), axis=-1)
+    count = np.cumsum(finite, axis=-1)
+    pad = lambda a: np.concatenate([np.zeros(a.shape[:-1] + (window,)), a], axis=-1)[..., :-window]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (total - pad(total)) / (count - pad(count))
+
+
+def plot(runs: list[dict], methods, path: str, window: int = 10) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -508,14 +518,14 @@ def plot(runs: list[dict], methods, path: str) -> None:
         length = min(len(r["steps"]) for r in rs)
         steps = np.arange(1, length + 1)
         for ax, key in ((axes[0], "mean_reward"), (axes[1], f"{'hista' if m == 'hista' else 'numca'}/within_pearson")):
-            y = np.array([[s[key] for s in r["steps"][:length]] for r in rs], dtype=np.float64)
+            y = _moving_nanmean(np.array([[s[key] for s in r["steps"][:length]] for r in rs], dtype=np.float64), window)
             line, = ax.plot(steps, _nanmean(y, axis=0), label=f"{m} ({len(rs)} seeds)")
             lo, hi = np.where(np.isnan(y), np.inf, y).min(axis=0), np.where(np.isnan(y), -np.inf, y).max(axis=0)
             ax.fill_between(steps, lo, hi, where=np.isfinite(lo), color=line.get_color(), alpha=0.15)
-    axes[0].set(xlabel="RL step", ylabel="mean reward (success) of the step's rollouts",
-                title="reward vs step (mean, min-max over seeds)")
-    axes[1].set(xlabel="RL step", ylabel="within-group Pearson vs slip-model value",
-                title="value estimate quality on the policy's rollouts\n(hista: Hista; others: Numca)")
+    axes[0].set(xlabel="RL step", ylabel="reward (= success) of the step's rollouts",
+                title=f"reward vs step ({window}-step moving mean; band: min-max over seeds)")
+    axes[1].set(xlabel="RL step", ylabel="within-group Pearson vs reference value",
+                title="value estimate quality on the policy's own rollouts\n(hista run: Hista's; the others: Numca's)")
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
