@@ -386,6 +386,16 @@ def method_options(method: str, cfg: Config) -> dict:
     }[method]
 
 
+def warm_success(cfg: Config, tokenizer, warm_state: dict) -> dict:
+    """The warm-start checkpoint on the held-out set the runs end with (same samples per seed)."""
+    model = tiny.build_model(tokenizer, seed=0, hidden_size=cfg.hidden_size, layers=cfg.layers, max_positions=128)
+    model.load_state_dict(warm_state)
+    held_out = problems(cfg, cfg.eval_prompts, _STREAM_EVAL)
+    rates = [success_rate(model, tokenizer, held_out, cfg.eval_samples, cfg.max_completion_length,
+                          seed=10_000 + seed)[0] for seed in cfg.seeds]
+    return {"per_seed": rates, "mean": float(np.mean(rates))}
+
+
 def run_one(method: str, seed: int, cfg: Config, tokenizer, warm_state: dict, out_dir: str, log) -> dict:
     from datasets import Dataset
     from trl import GRPOConfig
@@ -596,6 +606,7 @@ def merge(a, log) -> dict:
                                "wall_seconds": p["wall_seconds"], "load_at_start": p["environment"]["load_at_start"],
                                "load_at_end": p["load_now"]} for path, p in zip(a.merge, parts)],
               "environment": parts[0]["environment"], "warm_start": parts[0]["warm_start"], "runs": runs,
+              "warm_held_out": [p.get("warm_held_out") for p in parts],
               "complete": all(p["complete"] for p in parts),
               "wall_seconds": max(p["wall_seconds"] for p in parts)}
     result["summary"] = summarize(runs, methods)
@@ -648,7 +659,8 @@ def main(argv=None) -> dict:
     result = {"config": asdict(cfg), "environment": {"python": platform.python_version(), "torch": torch.__version__,
                                                       "cpus": os.cpu_count(), "threads": 1,
                                                       "load_at_start": os.getloadavg()},
-              "warm_start": warm_history, "runs": [], "complete": False}
+              "warm_start": warm_history, "warm_held_out": warm_success(cfg, tokenizer, warm_state), "runs": [],
+              "complete": False}
 
     def save() -> None:
         result["wall_seconds"] = time.perf_counter() - started

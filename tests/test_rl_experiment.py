@@ -37,6 +37,8 @@ def test_quick_mode_runs_every_method_and_logs_every_step(experiment, tmp_path):
     cfg = result["config"]
     assert result["complete"] and cfg["quick"]
     assert result["warm_start"] and all(0.0 <= w["success"] <= 1.0 for w in result["warm_start"])
+    assert len(result["warm_held_out"]["per_seed"]) == len(cfg["seeds"])
+    assert all(0.0 <= x <= 1.0 for x in result["warm_held_out"]["per_seed"])
     runs = result["runs"]
     assert sorted((r["method"], r["seed"]) for r in runs) == sorted(
         (m, s) for m in experiment.METHODS for s in cfg["seeds"])
