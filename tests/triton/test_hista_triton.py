@@ -158,7 +158,7 @@ def test_huge_hidden_norms_cosine(seed):
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
 def test_low_precision_within_twice_plain_pytorch_error(seed, dtype, similarity):
     d = 129
-    hidden, returns, rollout_ids, offsets = make_batch(random_groups(3, 5, 15), d, dtype=dtype)
+    hidden, returns, rollout_ids, offsets = make_batch(random_groups(3, 5, 15) + [[9, 14]], d, dtype=dtype)  # one group with keys at least
     temperature = 0.1 if similarity == "cosine" else float(d)
     out = run(hidden, returns, rollout_ids, offsets, temperature=temperature, similarity=similarity)
     want, want_lse = hista_oracle(hidden, returns, rollout_ids, offsets, temperature=temperature,
