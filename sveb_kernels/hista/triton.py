@@ -120,8 +120,9 @@ def config_for(major: int, smem_bytes: int, dtype: torch.dtype, *,
 
     Hopper/Blackwell (sm90+): 128x128 score tiles, 8 warps (two warpgroups of wgmma m64n128),
     BLOCK_D 64 for bf16; fp16 takes 64x128 tiles with one warpgroup (two CTAs per SM), because
-    ptxas spills the fp16 build of the 128x128 epilogue. So does bf16's before Triton 3.8 (336 bytes
-    under 3.6, the oldest tested): there bf16 takes the fp16 tiles too.
+    ptxas spills the fp16 build of the 128x128 epilogue. Before Triton 3.8 (3.6, the oldest tested)
+    both 16-bit dtypes take 128x64 tiles on two warpgroups: 3.6's ptxas spills bf16's 128x128 (336
+    bytes) and, with the persistent schedule loop, 64x128 on one warpgroup too (24-32 bytes).
     Ampere (sm8x): BLOCK_D 32 with deeper cp.async pipelines, as Triton's tuned A100 matmuls.
     fp32 inputs run 3xTF32 (see `_dot_precision`) on 128x64 tiles (128x128 spills).
     Chosen from the GEMM structure and the compiled kernels' register use (no spills, checked by
@@ -131,7 +132,9 @@ def config_for(major: int, smem_bytes: int, dtype: torch.dtype, *,
     elem = 4 if dtype == torch.float32 else 2
     if dtype == torch.float32:
         cfg = HistaConfig(block_m=128, block_n=64, block_d=32, num_warps=8)
-    elif major >= 9 and dtype == torch.bfloat16 and (triton_release or triton_version()) >= (3, 8):
+    elif major >= 9 and (triton_release or triton_version()) < (3, 8):
+        cfg = HistaConfig(block_m=128, block_n=64, block_d=64, num_warps=8)
+    elif major >= 9 and dtype == torch.bfloat16:
         cfg = HistaConfig(block_m=128, block_n=128, block_d=64, num_warps=8)
     elif major >= 9:
         cfg = HistaConfig(block_m=64, block_n=128, block_d=64, num_warps=4)
