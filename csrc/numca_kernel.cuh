@@ -40,30 +40,20 @@
 #include <cmath>
 #include <cstdint>
 
+#include "numeric_grammar.h"
 #include "shared_array.cuh"
 
 namespace sveb {
 namespace numca_kernels {
 
+// The table layout, the classes, both automata's steps, NumberBuilder and decimal_to_double: the
+// grammar the cpp backend uses too.
+using namespace grammar;
+
 constexpr int kThreads = 256;  // tokens per chunk, one thread each; one CTA per row
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullWarp = 0xffffffffu;
 
-// Table layout and classes: sveb_kernels/numca/vocab.py.
-constexpr int kColFwd = 0, kColMeta = 1, kColClasses = 2;
-constexpr int kMetaLenShift = 24;
-constexpr int64_t kMetaLenMask = 0xFFFF;
-constexpr int kClassesPerWord = 16;
-constexpr int kComma = 10, kDot = 11, kMinus = 12, kWord = 13, kOther = 14, kEnd = 15;
-
-// Forward automaton states (vocab.py FWD_*).
-constexpr int kO = 0, kOC = 1, kW = 2, kDA = 3, kMS = 4, kA1 = 5, kA2 = 6, kA3 = 7, kA4 = 8, kF = 9, kI = 10;
-// Backward automaton states (vocab.py BWD_*).
-constexpr int kN = 0, kD1 = 1, kD3 = 3, kD4 = 4, kG = 5, kFR = 6;
-
-constexpr int kMaxDigits = 19;  // significant digits kept in a uint64 mantissa (10^19 - 1 < 2^64)
-constexpr uint64_t kFnvOffset = 0xCBF29CE484222325ull;
-constexpr uint64_t kFnvPrime = 0x100000001B3ull;
 constexpr int kWindow = 6;  // the current class and the 5 after it
 
 // Transition maps packed as the vocab table holds them; the identities leave every state alone.
@@ -72,189 +62,8 @@ constexpr uint64_t kFwdIdentity = 0xA9876543210ull;  // state s -> s, 4 bits a s
 constexpr uint64_t kBwdIdentity = 0x1AC688ull;       // state s -> s, 3 bits a state: sum of s << 3s
 constexpr uint64_t kBwdReplicate = 0x49249ull;      // sum of 1 << 3s: a constant map is its state times this
 constexpr int64_t kBwdMapMask = 0x1FFFFF;
-constexpr int kMetaDigitShift = 40;
 constexpr uint64_t kSeparatorFwd = 0;  // a separator sends every state to O (forward) and N (backward)
 constexpr uint64_t kSeparatorBwd = 0;
-
-__device__ __forceinline__ int forward_step(int s, int c) {
-  if (c == kEnd) return s;
-  if (c < 10) {
-    switch (s) {
-      case kO: case kOC: case kMS: return kA1;
-      case kW: case kI: return kI;
-      case kDA: case kF: return kF;
-      case kA1: return kA2;
-      case kA2: return kA3;
-      default: return kA4;  // kA3, kA4
-    }
-  }
-  if (c == kComma) return (s >= kA1 && s <= kA3) ? kOC : kO;
-  if (c == kDot) return (s >= kA1 && s <= kA4) ? kDA : kW;
-  if (c == kMinus) return (s == kO || s == kOC || s == kMS) ? kMS : kO;
-  if (c == kWord) return kW;
-  return kO;
-}
-
-__device__ __forceinline__ int backward_step(int s, int c) {
-  if (c == kEnd) return s;
-  if (c < 10) return (s >= kD1 && s <= kD4) ? (s == kD4 ? kD4 : s + 1) : kD1;
-  if (c == kComma) return s == kD3 ? kG : kN;
-  if (c == kDot) return (s >= kD1 && s <= kD4) ? kFR : kN;
-  return kN;
-}
-
-// ---- decimal to double ---------------------------------------------------------------------------
-struct DoubleDouble {
-  double hi, lo;
-};
-
-__device__ __forceinline__ DoubleDouble dd_mul(DoubleDouble a, DoubleDouble b) {
-  const double p = a.hi * b.hi;
-  double e = fma(a.hi, b.hi, -p);  // a.hi * b.hi - p exactly
-  e += a.hi * b.lo + a.lo * b.hi;
-  const double s = p + e;
-  return {s, e - (s - p)};
-}
-
-__device__ __forceinline__ DoubleDouble dd_div(DoubleDouble a, DoubleDouble b) {
-  const double q1 = a.hi / b.hi;
-  const double p = q1 * b.hi;
-  const double pe = fma(q1, b.hi, -p);
-  const double r = ((a.hi - p) - pe) + a.lo - q1 * b.lo;  // a - q1 * b
-  const double q2 = r / b.hi;
-  const double s = q1 + q2;
-  return {s, q2 - (s - q1)};
-}
-
-__device__ __forceinline__ double pow10_exact(int k) {  // 10^k, 0 <= k <= 22: every step exact
-  double p = 1.0;
-  for (int i = 0; i < k; ++i) p *= 10.0;
-  return p;
-}
-
-// 10^k for 0 <= k <= 308 as a double-double (relative error ~2^-100): 10^(k mod 22) * (10^22)^(k / 22).
-__device__ DoubleDouble pow10_dd(int k) {
-  DoubleDouble acc{pow10_exact(k % 22), 0.0};
-  DoubleDouble base{1e22, 0.0};
-  for (int q = k / 22; q > 0; q >>= 1) {
-    if (q & 1) acc = dd_mul(acc, base);
-    if (q > 1) base = dd_mul(base, base);
-  }
-  return acc;
-}
-
-// m * 10^e for 1 <= m < 10^19.
-__device__ double decimal_to_double(uint64_t m, int64_t e) {
-  if (m <= (1ull << 53) && e >= -22 && e <= 22) {
-    const double mf = static_cast<double>(m);
-    return e >= 0 ? mf * pow10_exact(static_cast<int>(e)) : mf / pow10_exact(static_cast<int>(-e));
-  }
-  if (e > 308) return INFINITY;  // >= 10^309
-  if (e < -343) return 0.0;      // < 10^19 * 10^-344, below half the smallest subnormal
-  const double hi = static_cast<double>(m);
-  DoubleDouble x{hi, static_cast<double>(static_cast<int64_t>(m - static_cast<uint64_t>(hi)))};
-  if (e >= 0) {
-    // One rounding of the double-double product; fma never overflows in between, so a product just
-    // under DBL_MAX stays finite and a larger one becomes inf.
-    const DoubleDouble p = pow10_dd(static_cast<int>(e));
-    return fma(x.hi, p.hi, x.hi * p.lo + x.lo * p.hi);
-  }
-  int k = static_cast<int>(-e);
-  if (k > 300) {  // 10^k would not be a normal double: divide in two steps
-    x = dd_div(x, pow10_dd(300));
-    k -= 300;
-  }
-  return dd_div(x, pow10_dd(k)).hi;
-}
-
-// ---- one number, accumulated class by class ------------------------------------------------------
-struct NumberBuilder {
-  uint64_t hash, hash_signed;  // FNV-1a of the canonical form so far, without and with a leading '-'
-  uint64_t mantissa;
-  int64_t exponent;
-  int64_t pending_zeros;  // fraction zeros not yet known to be inside the canonical form
-  int kept;               // digits in mantissa
-  bool negative, in_fraction, int_nonzero, fraction_nonzero;
-  int64_t start_token;
-
-  __device__ void begin(int64_t token, bool sign) {
-    hash = kFnvOffset;
-    hash_signed = (kFnvOffset ^ static_cast<uint64_t>('-')) * kFnvPrime;
-    mantissa = 0;
-    exponent = 0;
-    pending_zeros = 0;
-    kept = 0;
-    negative = sign;
-    in_fraction = int_nonzero = fraction_nonzero = false;
-    start_token = token;
-  }
-  __device__ void put(int ch) {
-    hash = (hash ^ static_cast<uint64_t>(ch)) * kFnvPrime;
-    hash_signed = (hash_signed ^ static_cast<uint64_t>(ch)) * kFnvPrime;
-  }
-  __device__ void integer_digit(int d) {
-    if (d == 0 && !int_nonzero) return;  // a leading zero
-    int_nonzero = true;
-    put('0' + d);
-    if (kept < kMaxDigits) {
-      mantissa = mantissa * 10 + static_cast<uint64_t>(d);
-      ++kept;
-    } else {
-      ++exponent;  // a dropped integer digit
-    }
-  }
-  __device__ void fraction_mantissa(int d) {
-    if (mantissa == 0 && d == 0) {
-      --exponent;  // a zero before the first significant digit: 0.00d
-    } else if (kept < kMaxDigits) {
-      mantissa = mantissa * 10 + static_cast<uint64_t>(d);
-      ++kept;
-      --exponent;
-    }
-  }
-  __device__ void fraction_digit(int d) {
-    if (d == 0) {
-      ++pending_zeros;
-      return;
-    }
-    if (!fraction_nonzero) {
-      if (!int_nonzero) put('0');
-      put('.');
-      fraction_nonzero = true;
-    }
-    for (; pending_zeros > 0; --pending_zeros) {
-      put('0');
-      fraction_mantissa(0);
-    }
-    put('0' + d);
-    fraction_mantissa(d);
-  }
-  __device__ void add(int c) {
-    if (c < 10) {
-      if (in_fraction) {
-        fraction_digit(c);
-      } else {
-        integer_digit(c);
-      }
-    } else if (c == kDot) {
-      in_fraction = true;
-    }  // ',' and the '-' that began the number add nothing more
-  }
-  // key (0 -> 1) and value of the finished number
-  __device__ void finish(int64_t& key, double& value) {
-    const bool zero = !int_nonzero && !fraction_nonzero;
-    if (zero) {
-      put('0');  // the canonical "0", never signed
-      key = static_cast<int64_t>(hash);
-      value = 0.0;
-    } else {
-      key = static_cast<int64_t>(negative ? hash_signed : hash);
-      const double v = decimal_to_double(mantissa, exponent);
-      value = negative ? -v : v;
-    }
-    if (key == 0) key = 1;
-  }
-};
 
 // ---- transition maps -------------------------------------------------------------------------------
 __device__ __forceinline__ int fwd_apply(uint64_t map, int s) { return static_cast<int>((map >> (4 * s)) & 15u); }

@@ -1,10 +1,11 @@
 // Numca on CPU (docs/CONTRACT.md §2b, §2c).
 //
-// numeric_spans: one thread walks a row with the shared grammar (numeric_grammar.h), left to right:
-// one lookup of the vocab table's per-token forward transition for a token without digits outside a
-// number; class by class only for tokens with a digit or inside a number, where numbers start, end,
-// and get their canonical hash and value. There the backward automaton's states come from the
-// token's classes and the next 5 classes of the row (all it ever depends on). Rows in parallel.
+// numeric_spans: one thread walks a row with the shared grammar (csrc/numeric_grammar.h, the CUDA
+// kernel's too), left to right: one lookup of the vocab table's per-token forward transition for a
+// token without digits outside a number; class by class only for tokens with a digit or inside a
+// number, where numbers start, end, and get their canonical hash and value. There the backward
+// automaton's states come from the token's classes and the next 5 classes of the row (all it ever
+// depends on). Rows in parallel.
 //
 // numca_values: rows grouped on the host; per group, the (key, row) pairs of its numbers sorted, so
 // "which peers wrote key k" is one binary search (match="last"); per row and peer, the length of
@@ -22,7 +23,7 @@
 
 #include "../arg_checks.h"
 #include "cpu_ops.h"
-#include "numeric_grammar.h"
+#include "../numeric_grammar.h"
 
 namespace sveb {
 namespace cpu {
