@@ -135,6 +135,14 @@ def numca_poison_case(poison, batch=9, length=31, match="last", min_support=1):
     depend on returns[p] are found by linearity, from the oracle alone: every value is a mean of
     returns (or 0 / empty_value), so it depends on returns[p] iff it is non-zero when returns is the
     p-th unit vector (empty_value 0)."""
+    for _ in range(100):  # a draw where nobody averages a poisoned return checks nothing: draw again
+        case = _numca_poison_draw(poison, batch, length, match, min_support)
+        if case[2].any():
+            return case
+    raise AssertionError("no draw had an output depending on a poisoned return")
+
+
+def _numca_poison_draw(poison, batch, length, match, min_support):
     from oracles import numca_values_oracle
 
     end = torch.rand(batch, length) < 0.25
