@@ -19,7 +19,9 @@ def hista_oracle(hidden, returns, rollout_ids, group_offsets, temperature=0.1, s
     lse = torch.full((n,), -math.inf, dtype=torch.float64)
     for g in range(len(offsets) - 1):
         for i in range(offsets[g], offsets[g + 1]):
-            keys = [j for j in range(offsets[g], offsets[g + 1]) if rid[j] != rid[i] and mask[j]]
+            # a key_bias of -inf is a zero weight, like a masked key: no keys at all -> the empty value
+            keys = [j for j in range(offsets[g], offsets[g + 1])
+                    if rid[j] != rid[i] and mask[j] and bias[j] != -math.inf]
             if not keys:
                 continue
             dots = h[keys] @ h[i]
