@@ -1,7 +1,7 @@
 """pytest-benchmark for Numca: `pytest bench/bench_numca.py --benchmark-only`.
 
 numeric_spans per backend next to the decode + regex + bisect baseline (sveb_kernels.benchmark.baselines;
-bench/numca_vs_regex.py also writes the CSV and checks the issue's goals), on B=64 rows of T=1024 tokens of a
+bench/numca_vs_regex.py also writes the CSV and checks its targets), on B=64 rows of T=1024 tokens of a
 locally trained Llama-3-style tokenizer; and numca_values per match mode.
 """
 

@@ -1,4 +1,5 @@
-"""Issue 3 benchmark: Numca's numeric_spans against what trainers do today, side by side in one run.
+"""Number detection: Numca's numeric_spans against what trainers do today (decode + regex), side by
+side in one run.
 
     baseline     tokenizer decode of every token (one Rust batch call), Python `re` with the docs/CONTRACT.md §2b
                  regex over each row's text, bisect to map matches back to tokens, the canonical
@@ -9,9 +10,10 @@
 on B rows of T tokens of math-reasoning-like text (numbers in ~13% of the tokens) from a locally
 trained tokenizer of each family (sveb_kernels.numca.toy_tokenizers). It also times
 `numca_values`, and `NumericVocab.from_tokenizer` on a synthetic byte-level BPE of 150k tokens.
-The issue's goals: reference >= 20x the baseline (CPU); triton >= 1000x and >= 30% of the measured
-DRAM bandwidth (copy ceiling of this run) counting the bytes the op must move: token ids + mask in,
-end/key/value/start out (30 bytes a token with int64 ids). Rows go to bench/results/numca.csv.
+The targets it was written for: reference >= 20x the baseline (CPU); triton >= 1000x and >= 30%
+of the measured DRAM bandwidth (copy ceiling of this run) counting the bytes the op must move:
+token ids + mask in, end/key/value/start out (30 bytes a token with int64 ids). Rows are appended to `--csv`
+(default numca.csv in $SVEB_RESULTS_DIR or ~/.cache/sveb_kernels/).
 
     python bench/numca_vs_regex.py                  # B=256, T=2048, llama3 and qwen2 tokenizers
     python bench/numca_vs_regex.py --quick          # B=32, T=512
