@@ -135,3 +135,27 @@ def test_plot_shows_every_op_against_total_tokens(tmp_path):
     png = tmp_path / "all.png"
     plot.plot_report(Report(config={}, ceilings={}, rows=rows), str(png), "test")
     assert png.stat().st_size > 1000
+
+
+def test_the_progress_bar_counts_what_runs(monkeypatch):
+    """The variant list is built once (one look-up of the available backends), counted for the
+    progress bar, and run as counted."""
+    import torch
+
+    from sveb_kernels.benchmark import runner
+
+    lookups, totals, steps = [], [], []
+    available = runner._backend.available_backends
+    monkeypatch.setattr(runner._backend, "available_backends", lambda *a, **k: lookups.append(a) or available(*a, **k))
+    progress_init = runner._Progress.__init__
+    monkeypatch.setattr(runner._Progress, "__init__",
+                        lambda self, total, enabled: totals.append(total) or progress_init(self, total, enabled))
+    monkeypatch.setattr(runner._Progress, "step", lambda self, label: steps.append(label))
+    config = runner.Config(torch.device("cpu"), quick=True, hista_tokens=(48, 96), hidden_size=24, rollouts=3,
+                           gae_shape=(5, 67), numca_shape=(3, 40), repeats=1, progress=False)
+    report = runner.run(config)
+    assert len(lookups) == 1
+    assert totals == [len(steps)] == [len(report.rows)]
+    ops = [row.op for row in report.rows]
+    assert ops == sorted(ops, key=["hista_values", "gae", "numeric_spans", "numca_values"].index)
+    assert all(row.median_ms for row in report.rows), [(row.op, row.impl, row.note) for row in report.rows]

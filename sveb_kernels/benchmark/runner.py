@@ -3,6 +3,7 @@ the results agree, and collects one row per (op, size, implementation)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -124,51 +125,75 @@ class _Work:
     ceiling_per_s: float
 
 
-def _measure_variants(op: str, label: str, variants, config: Config, progress: _Progress, expected, compare,
-                      work: Optional[_Work] = None, **row_fields) -> list[Row]:
-    """Runs (impl, fn, checked) in order; the first is the baseline the others' speedups are against."""
+@dataclass
+class _Case:
+    """One case of one op, built when its turn comes: what each implementation calls, and how to judge it."""
+
+    label: str
+    call: Callable[[str], Callable[[], object]]  # implementation name -> the call to time
+    expected: object  # what a checked implementation must return (the reference backend's result)
+    compare: Callable  # (result, expected) -> (max_abs_diff or None, agree)
+    work: Optional[_Work] = None
+    unchecked: tuple[str, ...] = ()  # implementations whose result has another form (not compared)
+    baseline_note: str = ""
+    row_fields: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Group:
+    """A planned case: its implementations in order (the first is the baseline the others' speedups are
+    against), known before anything runs so the progress bar counts them, and how to build the case."""
+
+    op: str
+    impls: list[str]
+    build: Callable[[], _Case]
+
+
+def _measure_group(group: _Group, config: Config, progress: _Progress) -> list[Row]:
+    case = group.build()
     rows, baseline_ms = [], None
-    for index, (impl, fn, checked) in enumerate(variants):
-        progress.step(f"{op} {impl} {label}")
-        row = Row(op, label, impl, **row_fields)
-        _run_variant(row, fn, config, expected if checked else None, compare, baseline_ms)
+    for index, impl in enumerate(group.impls):
+        progress.step(f"{group.op} {impl} {case.label}")
+        row = Row(group.op, case.label, impl, **case.row_fields)
+        checked = impl not in case.unchecked
+        _run_variant(row, case.call(impl), config, case.expected if checked else None, case.compare, baseline_ms)
         if index == 0:
             baseline_ms = row.median_ms
-        if row.median_ms and work is not None:
+        if row.median_ms and case.work is not None:
+            work = case.work
             row.rate, row.rate_unit = work.amount / (row.median_ms / 1e3) / work.scale, work.unit
             row.pct_of_ceiling = 100 * row.rate * work.scale / work.ceiling_per_s
         rows.append(row)
+    if rows and case.baseline_note:
+        rows[0].note = case.baseline_note
     return rows
 
 
-def _hista_rows(config: Config, dtype: torch.dtype, ceilings: dict, progress: _Progress) -> list[Row]:
-    rows = []
+def _hista_case(config: Config, dtype: torch.dtype, ceilings: dict, tokens: int) -> _Case:
     temperature, similarity = 0.1, "cosine"
-    for tokens in config.hista_tokens:
-        case = cases.hista_case(config.groups, config.rollouts, tokens, config.hidden_size, dtype, config.device)
-        args = (case.hidden, case.returns, case.rollout_ids, case.group_offsets)
-        tol = (1e-4 if dtype == torch.float32 else 5e-2) * float(case.returns.abs().max().clamp_min(1e-30))
+    case = cases.hista_case(config.groups, config.rollouts, tokens, config.hidden_size, dtype, config.device)
+    args = (case.hidden, case.returns, case.rollout_ids, case.group_offsets)
+    tol = (1e-4 if dtype == torch.float32 else 5e-2) * float(case.returns.abs().max().clamp_min(1e-30))
 
-        def compare(result, reference):
-            values = result[0] if isinstance(result, tuple) else result
-            diff = float((values.float() - reference).abs().max()) if values.numel() else 0.0
-            return diff, diff <= tol
+    def compare(result, reference):
+        values = result[0] if isinstance(result, tuple) else result
+        diff = float((values.float() - reference).abs().max()) if values.numel() else 0.0
+        return diff, diff <= tol
 
-        reference = hista_values(*args, temperature=temperature, similarity=similarity, backend="reference").values
-        variants = [("naive PyTorch", lambda: baselines.naive_hista(*args, temperature, similarity), True)]
-        if config.device.type == "cuda" and config.hidden_size <= 256:
-            variants.append(("FlexAttention", lambda: baselines.flex_attention_hista(*args, temperature, similarity),
-                             True))
-        for backend in _backend.available_backends(config.device)["hista_values"]:
-            variants.append((backend, lambda b=backend: hista_values(*args, temperature=temperature,
-                                                                      similarity=similarity, backend=b), True))
-        work = _Work(case.flops, "TFLOP/s", 1e12, ceilings["matmul_flops_per_s"])
-        rows += _measure_variants("hista_values", case.label, variants, config, progress, reference, compare, work,
-                                  tokens_per_group=tokens, total_tokens=int(case.hidden.shape[0]))
-    return rows
+    def call(impl):
+        if impl == "naive PyTorch":
+            return lambda: baselines.naive_hista(*args, temperature, similarity)
+        if impl == "FlexAttention":
+            return lambda: baselines.flex_attention_hista(*args, temperature, similarity)
+        return lambda: hista_values(*args, temperature=temperature, similarity=similarity, backend=impl)
+
+    reference = hista_values(*args, temperature=temperature, similarity=similarity, backend="reference").values
+    work = _Work(case.flops, "TFLOP/s", 1e12, ceilings["matmul_flops_per_s"])
+    return _Case(case.label, call, reference, compare, work,
+                 row_fields=dict(tokens_per_group=tokens, total_tokens=int(case.hidden.shape[0])))
 
 
-def _gae_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row]:
+def _gae_case(config: Config, ceilings: dict) -> _Case:
     batch, length = config.gae_shape
     case = cases.gae_case(batch, length, config.device)
     args, options = (case.rewards, case.values, case.mask), dict(gamma=1.0, lam=0.95)
@@ -179,15 +204,30 @@ def _gae_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row]:
         diff = float((result[0] - expected).abs().max())
         return diff, diff <= bound
 
-    variants = [("per-token loop", lambda: baselines.gae_loop(*args, **options), True)]
-    for backend in _backend.available_backends(config.device)["gae"]:
-        variants.append((backend, lambda b=backend: gae(*args, **options, backend=b), True))
+    def call(impl):
+        if impl == "per-token loop":
+            return lambda: baselines.gae_loop(*args, **options)
+        return lambda: gae(*args, **options, backend=impl)
+
     work = _Work(case.bytes_moved, "GB/s", 1e9, ceilings["copy_bytes_per_s"])
-    return _measure_variants("gae", case.label, variants, config, progress, reference, compare, work,
-                             total_tokens=batch * length)
+    return _Case(case.label, call, reference, compare, work,
+                 row_fields=dict(total_tokens=batch * length))
 
 
-def _numca_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row]:
+@dataclass
+class _NumcaBatch:
+    """The token batch both Numca cases time (built once, on first use)."""
+
+    tokenizer: object
+    ids: torch.Tensor
+    mask: torch.Tensor
+    specials: set
+    ids_d: torch.Tensor  # the same on the run's device
+    mask_d: torch.Tensor
+    vocab_d: object
+
+
+def _numca_batch(config: Config) -> _NumcaBatch:
     from ..numca import NumericVocab, toy_tokenizers
 
     batch, length = config.numca_shape
@@ -195,38 +235,75 @@ def _numca_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row
     vocab = NumericVocab.from_tokenizer(tokenizer)
     ids, mask = cases.numca_token_batch(tokenizer, batch, length)
     specials = set(torch.nonzero(vocab.special).flatten().tolist())
-    label = f"B={batch} T={length} llama3-style"
-    baseline = baselines.regex_baseline(tokenizer, ids, mask, specials)
+    return _NumcaBatch(tokenizer, ids, mask, specials, ids.to(config.device), mask.to(config.device),
+                       vocab.to(config.device))
+
+
+def _numca_label(config: Config) -> str:
+    batch, length = config.numca_shape
+    return f"B={batch} T={length} llama3-style"
+
+
+def _numeric_spans_case(config: Config, ceilings: dict, data: Callable[[], _NumcaBatch]) -> _Case:
+    d = data()
+    baseline = baselines.regex_baseline(d.tokenizer, d.ids, d.mask, d.specials)
     expected = (baseline[0], baseline[3])  # end and start per token (the baseline's key is a Python hash)
 
     def compare(result, reference):
         same = result.end.cpu().tolist() == reference[0] and result.start.cpu().tolist() == reference[1]
         return None, same
 
-    ids_d, mask_d, vocab_d = ids.to(config.device), mask.to(config.device), vocab.to(config.device)
-    variants = [("decode+regex", lambda: baselines.regex_baseline(tokenizer, ids, mask, specials), False)]
-    for backend in _backend.available_backends(config.device)["numeric_spans"]:
-        variants.append((backend, lambda b=backend: numeric_spans(ids_d, vocab_d, mask_d, backend=b), True))
-    # Bytes the op must move: ids and mask in; end, key, value, start out.
-    work = _Work(ids.numel() * (ids.element_size() + 1 + 1 + 8 + 8 + 4), "GB/s", 1e9, ceilings["copy_bytes_per_s"])
-    rows = _measure_variants("numeric_spans", label, variants, config, progress, expected, compare, work,
-                             total_tokens=batch * length)
-    rows[0].note = "what trainers do today"
+    def call(impl):
+        if impl == "decode+regex":
+            return lambda: baselines.regex_baseline(d.tokenizer, d.ids, d.mask, d.specials)
+        return lambda: numeric_spans(d.ids_d, d.vocab_d, d.mask_d, backend=impl)
 
-    spans = numeric_spans(ids_d, vocab_d, mask_d, backend="reference")
+    # Bytes the op must move: ids and mask in; end, key, value, start out.
+    work = _Work(d.ids.numel() * (d.ids.element_size() + 1 + 1 + 8 + 8 + 4), "GB/s", 1e9, ceilings["copy_bytes_per_s"])
+    return _Case(_numca_label(config), call, expected, compare, work, unchecked=("decode+regex",),
+                 baseline_note="what trainers do today", row_fields=dict(total_tokens=d.ids.numel()))
+
+
+def _numca_values_case(config: Config, data: Callable[[], _NumcaBatch]) -> _Case:
+    d = data()
+    batch = d.ids.shape[0]
+    spans = numeric_spans(d.ids_d, d.vocab_d, d.mask_d, backend="reference")
     returns = torch.rand(batch, generator=torch.Generator().manual_seed(0)).to(config.device)
     group_index = torch.arange(batch, device=config.device) // 16
-    reference = numca_values(spans, returns, group_index, mask_d, backend="reference")
+    reference = numca_values(spans, returns, group_index, d.mask_d, backend="reference")
 
-    def compare_values(result, expected_values):
+    def compare(result, expected_values):
         diff = float((result - expected_values).abs().max()) if result.numel() else 0.0
         return diff, diff <= 1e-5 * (1 + float(expected_values.abs().max()))
 
-    variants = [(backend, lambda b=backend: numca_values(spans, returns, group_index, mask_d, backend=b), True)
-                for backend in _backend.available_backends(config.device)["numca_values"]]
-    rows += _measure_variants("numca_values", f"{label}, groups of 16", variants, config, progress, reference,
-                              compare_values, note="match=last", total_tokens=batch * length)
-    return rows
+    def call(impl):
+        return lambda: numca_values(spans, returns, group_index, d.mask_d, backend=impl)
+
+    return _Case(f"{_numca_label(config)}, groups of 16", call, reference, compare,
+                 row_fields=dict(note="match=last", total_tokens=d.ids.numel()))
+
+
+def _plan(config: Config, dtype: torch.dtype, ceilings: dict) -> list[_Group]:
+    """Every (op, case) of the run with its implementations, in the order they run. Cases are built
+    (tensors allocated, references computed) only when measured, one at a time."""
+    backends = _backend.available_backends(config.device)
+    groups = []
+    if "hista" in config.ops:
+        # FlexAttention's kernel only compiles for small heads; where it cannot run it is not offered.
+        flex = ["FlexAttention"] if config.device.type == "cuda" and config.hidden_size <= 256 else []
+        impls = ["naive PyTorch", *flex, *backends["hista_values"]]
+        groups += [_Group("hista_values", impls, functools.partial(_hista_case, config, dtype, ceilings, tokens))
+                   for tokens in config.hista_tokens]
+    if "gae" in config.ops:
+        groups.append(_Group("gae", ["per-token loop", *backends["gae"]],
+                             functools.partial(_gae_case, config, ceilings)))
+    if "numca" in config.ops:
+        data = functools.cache(functools.partial(_numca_batch, config))
+        groups.append(_Group("numeric_spans", ["decode+regex", *backends["numeric_spans"]],
+                             functools.partial(_numeric_spans_case, config, ceilings, data)))
+        groups.append(_Group("numca_values", list(backends["numca_values"]),
+                             functools.partial(_numca_values_case, config, data)))
+    return groups
 
 
 def run(config: Config) -> Report:
@@ -247,21 +324,13 @@ def run(config: Config) -> Report:
         finally:
             torch.set_num_threads(threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backends = _backend.available_backends(device)
-    flex = device.type == "cuda" and config.hidden_size <= 256
-    counts = {"hista": len(config.hista_tokens) * (1 + flex + len(backends["hista_values"])),
-              "gae": 1 + len(backends["gae"]),
-              "numca": 1 + len(backends["numeric_spans"]) + len(backends["numca_values"])}
-    progress = _Progress(sum(counts.get(op, 0) for op in config.ops), config.progress)
+    groups = _plan(config, dtype, ceilings)
+    progress = _Progress(sum(len(group.impls) for group in groups), config.progress)
     report = Report(config={k: (str(v) if isinstance(v, torch.device) else v) for k, v in asdict(config).items()},
                     ceilings=ceilings)
     try:
-        if "hista" in config.ops:
-            report.rows += _hista_rows(config, dtype, ceilings, progress)
-        if "gae" in config.ops:
-            report.rows += _gae_rows(config, ceilings, progress)
-        if "numca" in config.ops:
-            report.rows += _numca_rows(config, ceilings, progress)
+        for group in groups:
+            report.rows += _measure_group(group, config, progress)
     finally:
         progress.close()
     # Measured again at the end: a machine whose speed changed during the run shows it here.
