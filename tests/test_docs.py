@@ -136,7 +136,8 @@ def _expand(path: str) -> list[str]:
     brace = re.search(r"\{([^{}]*)\}", path)
     if not brace:
         return [path]
-    return [p for option in brace[1].split(",") for p in _expand(path[:brace.start()] + option.strip() + path[brace.end():])]
+    head, tail = path[:brace.start()], path[brace.end():]
+    return [p for option in brace[1].split(",") for p in _expand(head + option.strip() + tail)]
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=_doc_ids())
