@@ -11,6 +11,10 @@ completions that wrote the same last number, and a token's advantage is R - V(st
 `--model tiny` (the default) is a 2-layer Llama with a hand-written tokenizer, built here and
 trained for `--pretrain-steps` on the task's text so its completions have the format; no
 download. Any other value is a Hugging Face causal LM (id or path) trained in bf16 on a GPU.
+
+At the end it prints one completion of the last batch, cut into runs of tokens that share one
+advantage: with Numca the advantage changes right after a number that other completions of the
+prompt also wrote (their mean return becomes the value), and nowhere else.
 """
 
 from __future__ import annotations
@@ -90,15 +94,45 @@ def run(value_estimator: str = "numca", *, model: str = "tiny", steps: int = 0, 
                               value_estimator=value_estimator, **estimator_options)
     started = time.perf_counter()
     trainer.train()
-    last = trainer.sveb_last
-    spread = [float(v[m].max() - v[m].min()) if m.any() else -1.0 for v, m in zip(last.values, last.token_mask)]
-    row = int(np.argmax(spread))  # the completion whose values move most
-    text = tokenizer.decode(last.batch.token_ids[row, 1:][last.token_mask[row]])
-    print(f"\n{trainer.state.global_step} steps in {time.perf_counter() - started:.1f}s; one completion "
-          f"(return {last.returns[row]:.2f}), its token values and advantages:\n{text!r}")
-    print("V:", " ".join(f"{v:.2f}" for v in last.values[row][last.token_mask[row]].tolist()))
-    print("A:", " ".join(f"{v:.2f}" for v in last.advantages[row][last.token_mask[row]].tolist()))
+    print(f"\n{trainer.state.global_step} steps in {time.perf_counter() - started:.1f}s")
+    show_a_rollout(trainer.sveb_last, tokenizer, value_estimator)
     return trainer
+
+
+def _change_points(advantages: torch.Tensor) -> list[int]:
+    """Positions t > 0 where a completion's token advantage differs from token t - 1's."""
+    return (torch.nonzero((advantages[1:] - advantages[:-1]).abs() > 1e-6).flatten() + 1).tolist()
+
+
+def show_a_rollout(last, tokenizer, value_estimator: str) -> None:
+    """Prints one completion of the last batch with its token values V and advantages A, cut where A
+    changes. With Numca, V (the mean return of the group's other completions that wrote the same
+    number) can change only right after a number, so the cuts fall after numbers. The completion
+    shown is the best-rewarded one whose advantages change; if none changes, it says why."""
+    rows = []
+    for row in range(last.token_mask.shape[0]):
+        mask = last.token_mask[row]
+        if mask.any():
+            changes = _change_points(last.advantages[row][mask].float().cpu())
+            rows.append((bool(changes), float(last.returns[row]), len(changes), row))
+    if not rows:
+        print("The last batch has no completion tokens to show.")
+        return
+    changes, ret, _, row = max(rows)
+    mask = last.token_mask[row]
+    ids = last.token_ids[row, 1:][mask].tolist()  # token_ids: [last prompt token | completion]
+    values = last.values[row][mask].float().cpu()
+    advantages = last.advantages[row][mask].float().cpu()
+    print(f"One completion of the last batch (return R = {ret:.2f}), its token values and advantages: each line "
+          "is a run of tokens with one value V of the state before them and one advantage A (R - V, scaled "
+          "as GRPO scales it). The tiny model writes arithmetic-shaped text, mostly wrong after a few steps.")
+    if not changes and value_estimator == "numca":
+        print("  (no completion of this batch has an advantage that changes within it: Numca found no number "
+              "that another completion of the same prompt also wrote, so every token gets the group's mean "
+              "return as its value, as in plain GRPO; train longer (--steps 20) for completions that share numbers)")
+    cuts = [0, *_change_points(advantages), len(ids)]
+    for start, end in zip(cuts[:-1], cuts[1:]):
+        print(f"  V={values[start]:5.2f}  A={advantages[start]:+6.2f}  {tokenizer.decode(ids[start:end])!r}")
 
 
 def parse_args(description: str):
