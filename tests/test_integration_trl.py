@@ -209,11 +209,17 @@ def test_callable_estimator_with_gae(tmp_path, tokenizer, seed):
         returns = direct_returns(tokenizer, ids, mask).tolist()
         for b in range(ids.shape[0]):  # the GAE recurrence as a plain loop
             n = int(mask[b].sum())
-            v = [0.1 * t + 0.5 * returns[b] for t in range(n)]
+            peers = returns[b - b % GENERATIONS:b - b % GENERATIONS + GENERATIONS]
+            if max(peers) == min(peers):  # an all-equal group: no signal, as in GRPO
+                assert (adv[b] == 0).all()
+                continue
+            # scale_rewards="none": returns and values centred on the group mean (GRPO's baseline)
+            center = sum(peers) / GENERATIONS
+            v = [0.1 * t + 0.5 * returns[b] - center for t in range(n)]
             last, want = 0.0, [0.0] * n
             for t in reversed(range(n)):
                 nextv = v[t + 1] if t + 1 < n else 0.0
-                delta = (returns[b] if t == n - 1 else 0.0) + 0.9 * nextv - v[t]
+                delta = (returns[b] - center if t == n - 1 else 0.0) + 0.9 * nextv - v[t]
                 last = delta + 0.9 * 0.8 * last
                 want[t] = last
             assert torch.allclose(adv[b, :n], torch.tensor(want), atol=1e-4)
@@ -340,3 +346,44 @@ def test_numca_example_runs(tmp_path, monkeypatch, capsys):
     trainer = trl_grpo_numca.run("numca", steps=2, pretrain_steps=0, output_dir=str(tmp_path / "out"))
     assert trainer.state.global_step == 2
     assert "token values and advantages" in capsys.readouterr().out
+
+
+def constant(completions, **kwargs):
+    return [2.0 for _ in completions]
+
+
+@pytest.mark.parametrize("estimator", ["numca", "hista", "group_mean", "rloo", "callable"])
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_constant_rewards_give_no_signal(tmp_path, tokenizer, seed, estimator, scale_rewards):
+    """Every reward equal (GRPO's advantage 0): GAE with gamma < 1 over any values must give 0,
+    not the drift (gamma - 1) V divided by the zero std (+1e-4): max |A| was 1e3-6e3."""
+    def ramp(batch):  # values unrelated to the reward level
+        return 0.3 * torch.arange(batch.shape[1], dtype=torch.float32).expand(batch.shape)
+
+    cls = recording(SvebGRPOTrainer)
+    cls.generated, cls.losses = [], []
+    trainer = cls(model=tiny.build_model(tokenizer, seed=seed % 1000), reward_funcs=constant,
+                  args=config(tmp_path, tokenizer, seed, max_steps=1, scale_rewards=scale_rewards),
+                  train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
+                  value_estimator=ramp if estimator == "callable" else estimator, advantage_mode="gae", gamma=0.9,
+                  lam=0.95)
+    trainer.train()
+    assert trainer.generated
+    for gen in trainer.generated:
+        assert torch.equal(gen["advantages"], torch.zeros_like(gen["advantages"]))
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_eval_with_one_generation_gives_no_signal(tmp_path, tokenizer, seed):
+    """num_generations_eval=1: TRL's GRPO advantage is R - R = 0; R was divided by 1e-4."""
+    trainer = SvebGRPOTrainer(model=tiny.build_model(tokenizer, seed=seed % 1000), reward_funcs=reward,
+                              args=config(tmp_path, tokenizer, seed, num_generations_eval=1,
+                                          per_device_eval_batch_size=4, scale_rewards="group"),
+                              train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+                              eval_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+                              processing_class=tokenizer, value_estimator="numca", advantage_mode="gae", gamma=0.99)
+    trainer.evaluate()
+    last = trainer.sveb_last
+    assert last.advantages.shape[0] == len(PROMPTS)
+    assert torch.equal(last.advantages, torch.zeros_like(last.advantages))
+    assert bool((last.rewards > 0).any())  # the rewards were not all 0: the rule, not the data, gave 0

@@ -272,11 +272,38 @@ def test_sveb_numca_equals_a_direct_call_of_the_ops(seed, match, leave_one_out):
                                              and (j != b or not leave_one_out)]) else 0.0][0]
         for b in range(len(group))])
     before = torch.cat([peers[:, None], after[:, :-1]], dim=1)
-    raw = (scores.double()[:, None] - before)[mask]  # outcome reward: reward-to-go = R on every token
-    want = (raw - raw.mean()) / torch.sqrt(raw.var() + 1e-8)
-    assert torch.allclose(out.batch["advantages"][mask].double(), want, atol=1e-5)
+    # verl's GRPO convention (norm_adv_by_std_in_grpo=True): divided by the group's std + 1e-6; a
+    # group whose scores are all equal has no signal (outcome reward: reward-to-go = R everywhere)
+    stds = torch.stack([scores[group == group[b]].double().std() for b in range(len(group))])
+    flat = torch.tensor([scores[group == group[b]].unique().numel() == 1 for b in range(len(group))])
+    want = torch.where(flat[:, None], 0.0, (scores.double()[:, None] - before) / (stds[:, None] + 1e-6))
+    assert torch.allclose(out.batch["advantages"].double()[mask], want[mask], atol=1e-5)
     assert (out.batch["advantages"][~mask] == 0).all()
     assert torch.allclose(out.batch["returns"][mask].double(), scores.double()[:, None].expand_as(mask)[mask], atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["sveb_numca", "sveb_hista"])
+@pytest.mark.parametrize("mode,gamma,lam", [("r_minus_v", 1.0, 1.0), ("gae", 0.9, 0.95), ("gae", 0.99, 1.0)])
+@pytest.mark.parametrize("norm_by_std", [True, False])
+@pytest.mark.parametrize("whiten", [False, True])
+def test_constant_scores_give_no_signal_as_verls_grpo(seed, estimator, mode, gamma, lam, norm_by_std, whiten):
+    """verl's GRPO gives an all-equal group 0; the old default (whiten over the batch) gave a constant
+    -0.114 and GAE with gamma < 1 a drift divided by a zero std."""
+    data, tokenizer, _ = numca_data(seed)
+    plugin.set_tokenizer(tokenizer)
+    mask = data.batch["response_mask"]
+    last = (mask.sum(1).long() - 1).clamp_min(0)
+    rewards = torch.zeros_like(mask)
+    rewards[torch.arange(len(mask)), last] = 1.0 * (mask.sum(1) > 0)
+    data.batch["token_level_rewards"] = rewards
+    data.batch["values"] = torch.rand(mask.shape, generator=torch.Generator().manual_seed(seed)) * mask
+    reference = ray_trainer.compute_advantage(make_numca_copy(data), adv_estimator="grpo",
+                                              norm_adv_by_std_in_grpo=norm_by_std, config={})
+    assert torch.equal(reference.batch["advantages"], torch.zeros_like(mask))
+    out = ray_trainer.compute_advantage(data, adv_estimator=estimator, gamma=gamma, lam=lam,
+                                        norm_adv_by_std_in_grpo=norm_by_std,
+                                        config={"sveb": {"mode": mode, "whiten": whiten}})
+    assert torch.equal(out.batch["advantages"], torch.zeros_like(mask))
 
 
 def test_sveb_numca_gae_mode_with_unit_gamma_lam_is_r_minus_v(seed):
@@ -424,7 +451,7 @@ def test_sveb_hista_from_worker_values_equals_the_op(seed, tiny_model):
     rewards[torch.arange(8), last] = scores
     data = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask, "values": values},
                                non_tensors={"uid": uid})
-    out = ray_trainer.compute_advantage(data, adv_estimator="sveb_hista", config={"sveb": {"whiten": False}})
+    out = ray_trainer.compute_advantage(data, adv_estimator="sveb_hista", norm_adv_by_std_in_grpo=False, config={})
     torch.testing.assert_close(out.batch["advantages"][valid], (scores[:, None] - values)[valid], rtol=0, atol=1e-6)
 
 

@@ -9,9 +9,12 @@ estimator (docs/CONTRACT.md §5). Needs `pip install "sveb_kernels[trl]"` (trl >
 GRPO gives every token of a completion the same advantage, (R - mean of the group) / std. Here
 token t of a completion gets `A_t = R - V(s_t)` (or GAE over V with `gamma`, `lam`), where
 V(s_t) is the estimator's value of the state *before* token t (prompt plus the completion's first
-t tokens), computed over whole groups; then, like GRPO, divided by the reward std of the group
-(`scale_rewards="group"`) or batch (`"batch"`), or not (`"none"`); or whitened over the batch's
-tokens (`whiten_advantages=True`). With the `"group_mean"` estimator this is exactly GRPO.
+t tokens), computed over whole groups. Scaled as GRPO scales (the rule of
+`sveb_kernels.estimators.advantages`): returns and values centred on the group's mean reward and
+divided by TRL's reward std of the group (`scale_rewards="group"`) or batch (`"batch"`) + 1e-4, or
+not divided (`"none"`), or whitened over the tokens (`whiten_advantages=True`); a group whose
+rewards are all equal (an eval group of one generation too) gets 0, as GRPO gives it. With the
+`"group_mean"` estimator this is exactly GRPO.
 
 The estimator sees a `sveb_kernels.estimators.RolloutBatch` of the whole generation batch (all
 processes): `token_ids` [B, C + 1] = the last prompt token then the completion; `response_mask`
@@ -76,6 +79,7 @@ from ..estimators import (
     advantages_from_values,
     make_estimator,
 )
+from ..estimators.advantages import group_scale
 
 __all__ = ["SvebGRPOTrainer", "TESTED_TRL"]
 
@@ -323,12 +327,21 @@ class SvebGRPOTrainer(GRPOTrainer):
             length = token_ids.shape[1] - 1
             token_mask = state_mask[:, :length]
             values = self._estimate(batch)[:, :length].masked_fill(~token_mask, 0.0)
-        advantages = advantages_from_values(values, returns, token_mask, mode=self.advantage_mode, gamma=self.gamma,
-                                            lam=self.lam, whiten=self.whiten_advantages,
+        # The scaling rule (sveb_kernels.estimators.advantages): TRL's group baseline and
+        # `scale_rewards` std (+1e-4) applied to returns and values before the advantages; groups
+        # with all-equal rewards (and eval groups of one generation) and unscorable completions
+        # (NaN reward) get 0, as GRPO gives them.
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards must be 'batch', 'group' or 'none', got {self.scale_rewards!r}")
+        scaling = group_scale(rewards, group_index, scale=self.scale_rewards, eps=1e-4, lone_rollout="no_signal")
+        # TRL's own float32 statistics (so the group_mean estimator is TRL's GRPO to the bit); which
+        # rollouts have signal is the rule's.
+        std = self._reward_std(rewards, generations)
+        scaling = scaling._replace(center=torch.nanmean(grouped, dim=1).repeat_interleave(generations),
+                                   divisor=std + 1e-4 if self.scale_rewards != "none" else torch.ones_like(std))
+        advantages = advantages_from_values(values, rewards, token_mask, mode=self.advantage_mode, gamma=self.gamma,
+                                            lam=self.lam, whiten=self.whiten_advantages, scaling=scaling,
                                             backend=self.estimator_backend)
-        if not self.whiten_advantages and self.scale_rewards != "none":
-            advantages = advantages / (self._reward_std(rewards, generations)[:, None] + 1e-4)
-        advantages = advantages.masked_fill(unscorable[:, None], 0.0)
 
         self._log_token_level(mode, values, advantages, token_mask, time.perf_counter() - started)
         self.sveb_last = SimpleNamespace(batch=batch, token_ids=token_ids, values=values, advantages=advantages,
@@ -340,16 +353,15 @@ class SvebGRPOTrainer(GRPOTrainer):
         return batch.check_values(values, f"value estimator {self.value_estimator.name!r}").to(self.accelerator.device)
 
     def _reward_std(self, rewards: Tensor, generations: int) -> Tensor:
-        """GRPO's std of the rewards: per group (`scale_rewards="group"`) or of the batch."""
+        """GRPO's std of the rewards, as TRL computes it: per group (`scale_rewards="group"`) or of
+        the batch; 0 where it is undefined (a group or batch of one)."""
         from trl.trainer.utils import nanstd
 
-        if self.scale_rewards == "group":
-            if generations < 2:
-                return torch.zeros_like(rewards)
-            return nanstd(rewards.view(-1, generations), dim=1).repeat_interleave(generations)
         if self.scale_rewards == "batch":
             return nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
-        raise ValueError(f"scale_rewards must be 'batch', 'group' or 'none', got {self.scale_rewards!r}")
+        if generations < 2:
+            return torch.zeros_like(rewards)
+        return nanstd(rewards.view(-1, generations), dim=1).repeat_interleave(generations)
 
     def _log_token_level(self, mode: str, values: Tensor, advantages: Tensor, mask: Tensor, seconds: float) -> None:
         metrics = self._metrics[mode]

@@ -114,9 +114,10 @@ class Options:
     backend: str = "auto"
     # Numca / Hista: advantages R - V(s_t) ("r_minus_v") or GAE over V ("gae", with algorithm.gamma/lam).
     mode: str = "r_minus_v"
-    # Numca / Hista: whiten the advantages over the batch's response tokens (sveb_gae always does,
-    # as verl's GAE does).
-    whiten: bool = True
+    # Numca / Hista: whiten the advantages over the response tokens of the rollouts with signal
+    # instead of verl's GRPO division by the group std (`algorithm.norm_adv_by_std_in_grpo`).
+    # sveb_gae always whitens, as verl's GAE does.
+    whiten: bool = False
     # Numca: tokenizer name or path for the numeric vocabulary; usually
     # '${actor_rollout_ref.model.path}'. Unset: the one given to `set_tokenizer`.
     tokenizer: Optional[str] = None
@@ -204,10 +205,14 @@ def _vocab_for(name: Optional[str]):
     return NumericVocab.from_tokenizer(AutoTokenizer.from_pretrained(name))
 
 
-def compute_sveb_advantage(data, adv_estimator: str, *, gamma: float = 1.0, lam: float = 1.0, config=None):
+def compute_sveb_advantage(data, adv_estimator: str, *, gamma: float = 1.0, lam: float = 1.0, config=None,
+                           norm_adv_by_std_in_grpo: bool = True):
     """Fills `data.batch["advantages"]` and `["returns"]` for one of the sveb estimators; returns `data`.
 
-    This is what verl's `compute_advantage` runs for the sveb names once the plugin is loaded.
+    This is what verl's `compute_advantage` runs for the sveb names once the plugin is loaded. Numca
+    and Hista follow verl's GRPO: advantages over returns and values centred on the group mean and
+    (with `norm_adv_by_std_in_grpo`) divided by the group std + 1e-6; an all-equal group gets 0, a
+    lone rollout keeps R - V (verl's mean 0, std 1); see `sveb_kernels.estimators.advantages`.
     """
     name = _estimator_name(adv_estimator)
     if name not in ESTIMATORS:
@@ -246,7 +251,9 @@ def compute_sveb_advantage(data, adv_estimator: str, *, gamma: float = 1.0, lam:
                 _state.worker_error or "plugin patches in place") + "); a custom trainer stores them "
                  "itself (sveb_kernels.integrations.verl.hista_values_on_worker)",
         )
-    advantages, returns = _advantages_over_values(values, rewards, mask, options, gamma=gamma, lam=lam)
+    group_index = group_index_from_uid(_uid(data, name)).to(mask.device)
+    advantages, returns = _advantages_over_values(values, rewards, mask, group_index, options, gamma=gamma, lam=lam,
+                                                  norm_by_std=bool(norm_adv_by_std_in_grpo))
     batch["advantages"] = advantages.to(rewards.dtype)
     batch["returns"] = returns.to(rewards.dtype)
     return data
@@ -301,16 +308,19 @@ def numca_values_for_batch(data, options: Optional[Options] = None) -> Tensor:
     return values.masked_fill(~mask, 0.0)
 
 
-def _advantages_over_values(values, rewards, mask, options: Options, *, gamma, lam):
-    """(advantages, returns): R - V(s_t) or GAE over V as the TRL integration computes them, returns
-    = the unwhitened advantages + V (the value targets), both 0 at masked tokens."""
+def _advantages_over_values(values, rewards, mask, group_index, options: Options, *, gamma, lam, norm_by_std=True):
+    """(advantages, returns): R - V(s_t) or GAE over V under the scaling rule of
+    `sveb_kernels.estimators.advantages` with verl's GRPO conventions; returns = the plain
+    (uncentred, unscaled) advantages + V, the value targets. Both 0 at masked tokens."""
     valid = mask.to(torch.bool)
     values = values.to(torch.float32).masked_fill(~valid, 0.0)
+    plain = advantages_from_values(values, rewards, valid, mode=options.mode, gamma=gamma, lam=lam,
+                                   backend=options.backend)
+    returns = (plain + values).masked_fill(~valid, 0.0)
     advantages = advantages_from_values(values, rewards, valid, mode=options.mode, gamma=gamma, lam=lam,
-                                        whiten=False, backend=options.backend)
-    returns = (advantages + values).masked_fill(~valid, 0.0)
-    if options.whiten:
-        advantages = masked_whiten(advantages, valid).masked_fill(~valid, 0.0)
+                                        whiten=options.whiten, group_index=group_index,
+                                        scale="group" if norm_by_std else "none", eps=1e-6,
+                                        lone_rollout="unscaled", backend=options.backend)
     return advantages, returns
 
 
@@ -708,7 +718,8 @@ def wrap_compute_advantage(original: Callable) -> Callable:
     @functools.wraps(original)
     def compute_advantage(data, adv_estimator, gamma=1.0, lam=1.0, num_repeat=1, norm_adv_by_std_in_grpo=True, config=None):
         if _estimator_name(adv_estimator) in ESTIMATORS:
-            return compute_sveb_advantage(data, adv_estimator, gamma=gamma, lam=lam, config=config)
+            return compute_sveb_advantage(data, adv_estimator, gamma=gamma, lam=lam, config=config,
+                                          norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo)
         return original(
             data, adv_estimator=adv_estimator, gamma=gamma, lam=lam, num_repeat=num_repeat,
             norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo, config=config,
