@@ -252,8 +252,7 @@ def test_hook_layer_matches_hidden_states(tokenizer):
         want = model(input_ids=ids, output_hidden_states=True).hidden_states
     for layer in (0, 1, 2, -1, -2, -3):
         store = []
-        handle = resolve_layer(model, layer).register_forward_hook(
-            lambda m, i, o: store.append(o[0] if isinstance(o, tuple) else o))
+        handle = resolve_layer(model, layer).hook(store.append)
         with torch.no_grad():
             model(input_ids=ids)
         handle.remove()
@@ -387,3 +386,99 @@ def test_eval_with_one_generation_gives_no_signal(tmp_path, tokenizer, seed):
     assert last.advantages.shape[0] == len(PROMPTS)
     assert torch.equal(last.advantages, torch.zeros_like(last.advantages))
     assert bool((last.rewards > 0).any())  # the rewards were not all 0: the rule, not the data, gave 0
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])  # 1: the fallback forward; 2: TRL's own forward
+def test_hook_keeps_only_the_states_it_needs(tmp_path, tokenizer, seed, num_iterations, monkeypatch):
+    """The hook copies out the states before the real completion tokens only; it used to keep a
+    view of the layer's whole output ([rows, P + C, D]) alive until the values were computed."""
+    from sveb_kernels.integrations import trl as integration
+
+    held, whole, needed = [], [], []
+    original = integration._StateCapture.__call__
+
+    def spy(self, hidden):
+        original(self, hidden)
+        whole.append(hidden.untyped_storage().nbytes())
+        held.append(self.rows[-1].untyped_storage().nbytes())
+        chunk = self.mask[self.offset - hidden.shape[0]:self.offset]
+        needed.append(int(chunk.sum()) * hidden.shape[-1] * hidden.element_size())
+
+    monkeypatch.setattr(integration._StateCapture, "__call__", spy)
+    trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, value_estimator="hista", args=config(
+        tmp_path, tokenizer, seed, num_iterations=num_iterations))
+    assert held and held == needed
+    assert sum(held) < sum(whole)
+    print(f"hook bytes held: {sum(held)} (was {sum(whole)}) over {len(trainer.generated)} generation batches")
+
+
+def test_tool_tokens_are_no_states_no_milestones(tmp_path, tokenizer, seed, monkeypatch):
+    """TRL's tool_mask (0 = tool output): those tokens are no Numca milestone, no Hista query or key,
+    and get advantage 0; verl's response mask excludes them the same way."""
+    generate = GRPOTrainer._generate_and_score_completions
+
+    def with_tool_output(self, inputs):  # completion tokens 2..4 play a tool's output
+        out = generate(self, inputs)
+        tool = torch.ones_like(out["completion_mask"])
+        tool[:, 2:5] = 0
+        out["tool_mask"] = tool
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", with_tool_output)
+    trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, value_estimator="numca")
+    vocab = NumericVocab.from_tokenizer(tokenizer)
+    for gen in trainer.generated:
+        ids, adv = gen["completion_ids"], gen["advantages"]
+        real = gen["completion_mask"].bool()
+        mask = real.clone()
+        mask[:, 2:5] = False
+        assert (adv[:, 2:5] == 0).all()
+        returns = direct_returns(tokenizer, ids, real)
+        group = torch.arange(ids.shape[0]) // GENERATIONS
+        after = numca_values(numeric_spans(ids, vocab, mask=mask), returns, group, mask, backend="reference")
+        peers = torch.stack([(returns[group == group[b]].sum() - returns[b]) / (GENERATIONS - 1)
+                             for b in range(ids.shape[0])])
+        spread = torch.stack([returns[group == group[b]].max() > returns[group == group[b]].min()
+                              for b in range(ids.shape[0])])
+        # the value before token t: the last milestone among the model's own tokens before t
+        before = torch.cat([peers[:, None], after[:, :-1]], dim=1)
+        for b in range(ids.shape[0]):
+            for t in range(1, ids.shape[1]):
+                if not mask[b, t - 1]:
+                    before[b, t] = before[b, t - 1]
+        want = (returns[:, None] - before) * mask * spread[:, None]
+        assert torch.allclose(adv, want, atol=1e-5)
+
+    trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, value_estimator="hista")
+    last = trainer.sveb_last
+    assert not last.batch.state_mask[:, 2:5].any() and not last.token_mask[:, 2:5].any()
+    assert last.batch.hidden.shape[0] == int(last.token_mask.sum())
+
+
+def test_fallback_forward_runs_as_trl_runs_its_own(tmp_path, tokenizer, seed, monkeypatch):
+    """No TRL forward (num_iterations=1, no vLLM): the extra forward goes through TRL's own
+    `_get_per_token_logps_and_entropies` (autocast, the wrapped model, TRL's chunks) with the
+    batch's multimodal inputs, under no_grad."""
+    generate = GRPOTrainer._generate_and_score_completions
+    forward = GRPOTrainer._get_per_token_logps_and_entropies
+    calls = []
+
+    def with_images(self, inputs):  # as TRL's output carries a VLM's inputs
+        out = generate(self, inputs)
+        out["num_images"] = [0] * out["completion_ids"].shape[0]
+        return out
+
+    def spy(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        calls.append(dict(model=model, grad=torch.is_grad_enabled(), kwargs=dict(kwargs), rows=input_ids.shape[0]))
+        kwargs.pop("num_images", None)  # the tiny text model takes no images
+        return forward(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", with_images)
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", spy)
+    trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, value_estimator="hista")
+    extra = [c for c in calls if not c["grad"]]
+    assert len(extra) == len(trainer.generated)
+    for call in extra:
+        assert call["model"] is trainer.model
+        assert call["kwargs"]["num_images"] == [0] * call["rows"]
+        assert call["kwargs"]["batch_size"] == trainer.args.per_device_train_batch_size

@@ -80,8 +80,14 @@ from ..estimators import (
     make_estimator,
 )
 from ..estimators.advantages import group_scale
+from ._layers import HiddenLayer, resolve_layer
 
-__all__ = ["SvebGRPOTrainer", "TESTED_TRL"]
+__all__ = ["SvebGRPOTrainer", "TESTED_TRL", "resolve_layer"]
+
+# The entries of `_generate_and_score_completions`' output that TRL passes to its own policy forward
+# (multimodal inputs); the fallback forward passes them the same way.
+FORWARD_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                "token_type_ids", "mm_token_type_ids", "image_position_ids", "num_images", "num_tiles")
 
 TESTED_TRL = (">=1.16", "<1.17")
 # estimators that value a process's rows of a sharded batch through sveb_kernels.distributed
@@ -99,32 +105,6 @@ def _check_trl_version() -> None:
 
         warnings.warn(f"SvebGRPOTrainer is tested with trl {','.join(TESTED_TRL)}, found {trl.__version__}; it relies "
                       f"on GRPOTrainer internals (see sveb_kernels.integrations.trl)", stacklevel=3)
-
-
-def resolve_layer(model, layer: int):
-    """The module whose output is `hidden_states[layer]` of a transformers causal LM: 0 the
-    embeddings, 1..n-1 the decoder layers, n (or -1) the final norm."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, base.base_model_prefix, None)
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ValueError(f"cannot find the decoder layers of {type(base).__name__} to read hidden states from")
-    n = len(layers)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -(n + 1) <= layer <= n:
-        raise ValueError(f"hidden_layer must be an int in [{-(n + 1)}, {n}] for this model, got {layer!r}")
-    index = layer % (n + 1)
-    if index == 0:
-        return base.get_input_embeddings()
-    if index == n:
-        norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None)
-        if norm is None:
-            raise ValueError(f"cannot find the final norm of {type(base).__name__}; pass hidden_layer < {n}")
-        return norm
-    return layers[index - 1]
-
-
-def _layer_output(output) -> Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 class SvebGRPOTrainer(GRPOTrainer):
@@ -178,16 +158,16 @@ class SvebGRPOTrainer(GRPOTrainer):
         self._sveb_needs_hidden = isinstance(estimator, (Hista, LinearCritic)) or bool(
             getattr(estimator, "needs_hidden", False) or getattr(value_estimator, "needs_hidden", False))
         self._sveb_hidden_layer = hidden_layer
-        self._sveb_layer_module = None
+        self._sveb_layer_module: Optional[HiddenLayer] = None
         if self._sveb_needs_hidden:  # a bad hidden_layer fails here, not at the first step
             self._sveb_layer_module = resolve_layer(self.accelerator.unwrap_model(self.model), hidden_layer)
         self._sveb_rewards_per_func: Optional[Tensor] = None
-        self._sveb_capture: Optional[list] = None
+        self._sveb_capture: Optional[_StateCapture] = None
         self.sveb_last: Optional[SimpleNamespace] = None  # the last batch's estimate, for inspection and tests
 
     @property
-    def _sveb_layer(self):
-        """The module whose output is the hidden states the estimator reads."""
+    def _sveb_layer(self) -> HiddenLayer:
+        """Where the hidden states the estimator reads are hooked (`sveb_kernels.integrations._layers`)."""
         if self._sveb_layer_module is None:
             self._sveb_layer_module = resolve_layer(self.accelerator.unwrap_model(self.model), self._sveb_hidden_layer)
         return self._sveb_layer_module
@@ -211,44 +191,43 @@ class SvebGRPOTrainer(GRPOTrainer):
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               *args, **kwargs)
         self._sveb_capture = None  # only the first no-grad policy forward: the old log-probs
-        handle = self._sveb_layer.register_forward_hook(self._state_hook(capture, logits_to_keep))
+        # TRL's attention mask is [prompt_mask | completion_mask]: its last C columns say which
+        # completion positions are real, so the hook copies out only their states.
+        capture.start(attention_mask[:, -logits_to_keep:].to(torch.bool))
+        handle = self._sveb_layer.hook(capture)
         try:
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               *args, **kwargs)
         finally:
             handle.remove()
 
-    @staticmethod
-    def _state_hook(store: list, completion_length: int):
-        # Position P-1+t holds the state before completion token t: the last C+1 positions but the last.
-        def hook(module, inputs, output):
-            hidden = _layer_output(output)
-            store.append(hidden[:, -(completion_length + 1):-1].detach())
-        return hook
+    def _hidden_by_forward(self, output: dict) -> Tensor:
+        """When TRL ran no policy forward: one, exactly as TRL runs its own old-log-prob forward (the
+        wrapped model, under the accelerator's autocast, in TRL's chunks, with the batch's multimodal
+        inputs), through `_get_per_token_logps_and_entropies` with the hook. Returns the states before
+        the real completion tokens, [n, D] in row-major order."""
+        from trl.trainer.grpo_trainer import disable_gradient_checkpointing
 
-    @torch.no_grad()
-    def _hidden_by_forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
-        """One extra no-grad forward of the policy: [b, C, D] states before each completion token."""
-        model = self.accelerator.unwrap_model(self.model)
-        ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention = torch.cat([prompt_mask, completion_mask], dim=1)
-        store: list = []
-        handle = self._sveb_layer.register_forward_hook(self._state_hook(store, completion_ids.shape[1]))
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         step = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        forward_kwargs = {k: output[k] for k in FORWARD_KEYS if k in output}
+        capture = _StateCapture()
+        self._sveb_capture = capture
         try:
-            for r0 in range(0, ids.shape[0], max(1, step)):
-                model(input_ids=ids[r0:r0 + step], attention_mask=attention[r0:r0 + step], logits_to_keep=1,
-                      use_cache=False)
+            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                self._get_per_token_logps_and_entropies(self.model, ids, attention, output["completion_ids"].shape[1],
+                                                        batch_size=step, **forward_kwargs)
         finally:
-            handle.remove()
-        return torch.cat(store, dim=0)
+            self._sveb_capture = None
+        return capture.states()
 
     # -- token-level advantages ---------------------------------------------------------------------
 
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
         self._sveb_rewards_per_func = None
-        captured: Optional[list] = [] if self._sveb_needs_hidden and self._trl_runs_policy_forward() else None
+        captured = _StateCapture() if self._sveb_needs_hidden and self._trl_runs_policy_forward() else None
         self._sveb_capture = captured
         try:
             output = super()._generate_and_score_completions(inputs)
@@ -257,7 +236,9 @@ class SvebGRPOTrainer(GRPOTrainer):
         if self._sveb_rewards_per_func is None:
             raise RuntimeError("SvebGRPOTrainer did not see the rewards: GRPOTrainer._calculate_rewards was not called "
                                f"(trl {trl.__version__} is not a tested version)")
-        output["advantages"] = self._token_advantages(output, captured or None, mode)
+        if captured is not None and not captured.started:  # TRL did not run the forward after all
+            captured = None
+        output["advantages"] = self._token_advantages(output, captured, mode)
         return output
 
     def _gather_padded(self, x: Tensor, pad) -> Tensor:
@@ -265,7 +246,7 @@ class SvebGRPOTrainer(GRPOTrainer):
             return x
         return self.accelerator.gather(self.accelerator.pad_across_processes(x, dim=1, pad_index=pad))
 
-    def _token_advantages(self, output: dict, captured: Optional[list], mode: str) -> Tensor:
+    def _token_advantages(self, output: dict, captured: Optional["_StateCapture"], mode: str) -> Tensor:
         started = time.perf_counter()
         device = self.accelerator.device
         prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
@@ -288,20 +269,33 @@ class SvebGRPOTrainer(GRPOTrainer):
         # so it moves no peer's value; TRL gives it advantage 0, and so do we below.
         returns = torch.where(torch.isnan(rewards), group_mean.repeat_interleave(generations), rewards)
 
-        # cells: [last prompt token | completion]; state cell t = before completion token t
-        valid = completion_mask.to(torch.bool)
+        # cells: [last prompt token | completion]; state cell t = before completion token t. Tool
+        # output (TRL's `tool_mask` 0) is not the policy's: no query, key or milestone, advantage 0.
+        real = completion_mask.to(torch.bool)
+        tool_mask = output.get("tool_mask")
+        valid = real if tool_mask is None else real & tool_mask.to(torch.bool)
         no = torch.zeros(local_rows, 1, dtype=torch.bool, device=device)
         local_ids = torch.cat([prompt_ids[:, -1:], completion_ids], dim=1)
         local_response, local_states = torch.cat([no, valid], dim=1), torch.cat([valid, no], dim=1)
         first = self.accelerator.process_index * local_rows
 
-        def states_before_tokens() -> Tensor:  # [b, C, D] of this process's rows
-            if captured is not None:
-                return torch.cat(captured, dim=0)
-            return self._hidden_by_forward(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        def states_before_tokens() -> Tensor:  # [n, D]: this process's `valid` cells, row-major
+            rows = captured.states() if captured is not None else self._hidden_by_forward(output)
+            return rows if tool_mask is None else rows[valid[real]]  # the hook kept every real token
 
-        def cells(states: Tensor) -> Tensor:  # [B, C, D] -> [B, C + 1, D], the last cell unused
-            return torch.nn.functional.pad(states, (0, 0, 0, 1))
+        def packed(batch: RolloutBatch, rows: Tensor) -> Tensor:
+            """Row-major states of the batch's state cells -> the batch's packing order."""
+            rank = batch.state_mask.flatten().cumsum(0) - 1
+            return rows[rank[batch.packing.token_index.to(rank.device)].to(rows.device)]
+
+        def gathered_states(batch: RolloutBatch) -> Tensor:  # all processes' states (callables only)
+            rows = states_before_tokens()
+            if self.accelerator.num_processes == 1:
+                return packed(batch, rows)
+            dense = rows.new_zeros(local_rows, local_length + 1, rows.shape[-1])
+            dense[local_states] = rows
+            everything = self._gather_padded(dense, 0.0)
+            return batch.packing.pack(everything[:, :batch.shape[1]])
 
         if self.accelerator.num_processes > 1 and isinstance(self.value_estimator, SHARDABLE):
             # Each process values its own rows; the estimator's collectives keep groups whole.
@@ -310,7 +304,7 @@ class SvebGRPOTrainer(GRPOTrainer):
             batch = RolloutBatch(local_ids, local_response, group_index[first:first + local_rows],
                                  returns[first:first + local_rows], state_mask=local_states,
                                  tokenizer=self._tokenizer, device=device, shard=shard,
-                                 hidden_fn=lambda b: b.packing.pack(cells(states_before_tokens())))
+                                 hidden_fn=lambda b: packed(b, states_before_tokens()))
             cell_values = self._estimate(batch)
             local_values = cell_values[:, :local_length].masked_fill(~valid, 0.0)
             values = self._gather_padded(local_values, 0.0)
@@ -322,8 +316,7 @@ class SvebGRPOTrainer(GRPOTrainer):
             state_mask = self._gather_padded(local_states, False)
             batch = RolloutBatch(token_ids, self._gather_padded(local_response, False), group_index, returns,
                                  state_mask=state_mask, tokenizer=self._tokenizer, device=device,
-                                 hidden_fn=lambda b: b.packing.pack(cells(self._gather_padded(states_before_tokens(),
-                                                                                              0.0))))
+                                 hidden_fn=gathered_states)
             length = token_ids.shape[1] - 1
             token_mask = state_mask[:, :length]
             values = self._estimate(batch)[:, :length].masked_fill(~token_mask, 0.0)
@@ -394,3 +387,34 @@ class SvebGRPOTrainer(GRPOTrainer):
         for column, x in (("sveb_token_advantages", advantages), ("sveb_token_values", values)):
             self._logs["extra"][column].extend(
                 " ".join(f"{v:.3g}" for v in x[b][mask[b]].tolist()) for b in range(rows))
+
+
+class _StateCapture:
+    """Called by the layer hook with each forward chunk's layer output [rows, P + C, D]: keeps a
+    copy of only the states before the chunk's real completion tokens (position P - 1 + t for
+    completion token t), so the layer's whole output (prompt positions, padding) is freed with
+    the forward. TRL runs its forward in chunks of rows, in order."""
+
+    def __init__(self):
+        self.mask: Optional[Tensor] = None
+        self.rows: list = []
+        self.offset = 0
+
+    @property
+    def started(self) -> bool:
+        return self.mask is not None
+
+    def start(self, completion_mask: Tensor) -> None:
+        self.mask, self.rows, self.offset = completion_mask, [], 0
+
+    def __call__(self, hidden: Tensor) -> None:
+        length = self.mask.shape[1]
+        chunk = self.mask[self.offset:self.offset + hidden.shape[0]]
+        self.offset += hidden.shape[0]
+        # boolean indexing copies: the kept rows own their memory, the layer output is not referenced
+        self.rows.append(hidden[:, -(length + 1):-1][chunk.to(hidden.device)].detach())
+
+    def states(self) -> Tensor:
+        if self.offset != self.mask.shape[0]:
+            raise RuntimeError(f"the hidden-state hook saw {self.offset} rows of a {self.mask.shape[0]}-row batch")
+        return torch.cat(self.rows, dim=0)
