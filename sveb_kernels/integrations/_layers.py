@@ -69,6 +69,8 @@ class HiddenLayer:
     """
 
     def __init__(self, model, layer: int, *, name: str = "hidden_layer"):
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"{name} must be an int (a hidden_states index), got {type(layer).__name__}")
         base = unwrap(model)
         decoder = _decoder(base)
         if decoder is None:
@@ -77,8 +79,6 @@ class HiddenLayer:
                              f"{'/'.join(_DECODER_ATTRIBUTES)})")
         layers = _layers_of(decoder)
         n = len(layers)
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"{name} must be an int (a hidden_states index), got {type(layer).__name__}")
         if not -(n + 1) <= layer <= n:
             raise ValueError(f"{name} must be an int in [{-(n + 1)}, {n}] for this model ({n} layers), got {layer!r}")
         self.index = layer % (n + 1)

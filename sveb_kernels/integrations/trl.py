@@ -1,5 +1,5 @@
 """`SvebGRPOTrainer`: `trl.GRPOTrainer` with token-level advantages from Hista, Numca or any value
-estimator (docs/CONTRACT.md §5). Needs `pip install "sveb_kernels[trl]"` (trl >= 1.16, < 1.17).
+estimator (docs/CONTRACT.md §5). Needs `pip install "sveb_kernels[trl]"` (trl >= 1.16; tested with 1.16, other versions warn).
 
     from sveb_kernels.integrations.trl import SvebGRPOTrainer
     trainer = SvebGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...,
@@ -42,13 +42,18 @@ advantage of each completion, with the token-level numbers in the extra columns
 `sveb_token_advantages` and `sveb_token_values`; metrics `sveb/value/*`, `sveb/advantage/*`
 (mean, std, min, max, within-completion std) and `sveb/estimate_seconds`.
 
-TRL internals relied on (trl 1.16): `GRPOTrainer._generate_and_score_completions` (its output dict
-keys, its `advantages` entry replaced by a [B, T] tensor, which `_compute_loss` accepts),
-`_calculate_rewards` (all processes' rewards per function), `_get_per_token_logps_and_entropies`
-(the no-grad forward), `reward_weights`, `num_generations(_eval)`, `scale_rewards`,
-`multi_objective_aggregation`, `_logs`, `_metrics`, `_tokenizer`, and the rule deciding when TRL
-computes old log-probs (`gradient_accumulation_steps % (steps_per_generation * num_iterations)`,
-or vLLM importance sampling).
+TRL internals relied on (trl 1.16; every one is exercised by tests/test_integration_trl.py):
+`GRPOTrainer._generate_and_score_completions` (overridden; its output keys `prompt_ids`,
+`prompt_mask`, `completion_ids`, `completion_mask`, `tool_mask`, the multimodal inputs of
+`FORWARD_KEYS`; its `advantages` entry replaced by a [B, T] tensor, which `_compute_loss` accepts),
+`_calculate_rewards` (overridden to keep all processes' rewards per function),
+`_get_per_token_logps_and_entropies` (overridden to hook its first no-grad policy forward; called
+for the fallback forward), `trl.trainer.grpo_trainer.disable_gradient_checkpointing`,
+`trl.trainer.utils.nanstd`, the attributes `reward_weights`, `num_generations(_eval)`,
+`scale_rewards`, `multi_objective_aggregation`, `use_vllm`, `vllm_importance_sampling_correction`,
+`num_iterations`, `_logs`, `_metrics`, `_tokenizer`, and the rule deciding when TRL computes old
+log-probs (`gradient_accumulation_steps % (steps_per_generation * num_iterations)`, or vLLM
+importance sampling).
 """
 
 from __future__ import annotations
