@@ -482,3 +482,50 @@ def test_fallback_forward_runs_as_trl_runs_its_own(tmp_path, tokenizer, seed, mo
         assert call["model"] is trainer.model
         assert call["kwargs"]["num_images"] == [0] * call["rows"]
         assert call["kwargs"]["batch_size"] == trainer.args.per_device_train_batch_size
+
+
+def test_a_stateful_estimator_is_checkpointed_and_resumed(tmp_path, tokenizer, seed):
+    """An estimator with state_dict()/load_state_dict() (e.g. a learned one) is saved into each
+    checkpoint folder and restored by `train(resume_from_checkpoint=...)`."""
+    from sveb_kernels.estimators import Estimator, GroupMean
+
+    class Counting(Estimator):  # GRPO's baseline, plus state: steps seen and the returns' running sum
+        name = "counting"
+
+        def __init__(self):
+            self.steps, self.total = 0, torch.zeros(())
+
+        def estimate(self, batch):
+            self.steps += 1
+            self.total = self.total + batch.returns.sum()
+            return GroupMean().estimate(batch)
+
+        def state_dict(self):
+            return {"steps": self.steps, "total": self.total.clone()}
+
+        def load_state_dict(self, state):
+            self.steps, self.total = int(state["steps"]), state["total"].clone()
+
+    def trainer_with(estimator, max_steps):
+        args = config(tmp_path, tokenizer, seed, max_steps=max_steps, save_strategy="steps", save_steps=1)
+        return SvebGRPOTrainer(model=tiny.build_model(tokenizer, seed=seed % 1000), reward_funcs=reward, args=args,
+                               train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+                               processing_class=tokenizer, value_estimator=estimator)
+
+    first = Counting()
+    trainer_with(first, 2).train()
+    saved = torch.load(tmp_path / "out" / "checkpoint-1" / "sveb_estimator.pt", weights_only=True)
+    assert saved["steps"] == 1 and (tmp_path / "out" / "checkpoint-2" / "sveb_estimator.pt").exists()
+
+    resumed = Counting()
+    trainer_with(resumed, 2).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    assert resumed.steps == 2  # one restored, one run after the resume
+    assert torch.equal(torch.load(tmp_path / "out" / "checkpoint-2" / "sveb_estimator.pt",
+                                  weights_only=True)["total"], resumed.total)
+    assert float(resumed.total) >= float(saved["total"])
+
+    plain = Counting()  # a checkpoint without the file: a warning, the initial state
+    (tmp_path / "out" / "checkpoint-1" / "sveb_estimator.pt").unlink()
+    with pytest.warns(RuntimeWarning, match="sveb_estimator.pt"):
+        trainer_with(plain, 2).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    assert plain.steps == 1

@@ -177,6 +177,40 @@ class SvebGRPOTrainer(GRPOTrainer):
             self._sveb_layer_module = resolve_layer(self.accelerator.unwrap_model(self.model), self._sveb_hidden_layer)
         return self._sveb_layer_module
 
+    # -- checkpoints: a stateful estimator (one with state_dict/load_state_dict) resumes with the run
+
+    ESTIMATOR_STATE_FILE = "sveb_estimator.pt"
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        estimator = self.value_estimator
+        if not callable(getattr(estimator, "state_dict", None)) or not self.args.should_save:
+            return
+        import os
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        # the folder TRL's and transformers' own _save_checkpoint just wrote
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        torch.save(estimator.state_dict(), os.path.join(folder, self.ESTIMATOR_STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # transformers calls this on every resume, with the resolved checkpoint folder (TRL restores
+        # its own adaptive-entropy state here too)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        estimator = self.value_estimator
+        if checkpoint is None or not callable(getattr(estimator, "load_state_dict", None)):
+            return
+        import os
+        import warnings
+
+        path = os.path.join(checkpoint, self.ESTIMATOR_STATE_FILE)
+        if not os.path.exists(path):
+            warnings.warn(f"{checkpoint} has no {self.ESTIMATOR_STATE_FILE}: the value estimator "
+                          f"{estimator.name!r} starts from its initial state", RuntimeWarning, stacklevel=2)
+            return
+        estimator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
     # -- what TRL computes on the way ---------------------------------------------------------------
 
     def _calculate_rewards(self, *args, **kwargs):
