@@ -25,6 +25,8 @@ from sveb_kernels.integrations.trl import SvebGRPOTrainer, resolve_layer  # noqa
 GENERATIONS = 4
 LENGTH = 10
 PROMPTS = ["Compute: 3 + 4", "Compute: 12 + 7", "Compute: 5 - 2", "Compute: 9 + 9"]
+# prompts of different token lengths: TRL left-pads them, so a padding bug in the state positions shows
+VARIED_PROMPTS = ["3 + 4", "Compute the sum: 12 + 7 + 1", "Compute: 5 - 2", "Please compute this: 9 + 9 + 9 + 9 = ?"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def recording(base):
             attention = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
             with torch.no_grad():  # the policy as it generated, read independently of the trainer's hook
                 hidden = self.model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states
-            self.generated.append({k: out[k].clone() for k in ("prompt_ids", "completion_ids", "completion_mask",
+            self.generated.append({k: out[k].clone() for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
                                                                "advantages")} | {"hidden": hidden})
             return out
 
@@ -70,12 +72,12 @@ def recording(base):
     return Recording
 
 
-def train(base, tmp_path, tokenizer, seed, args=None, **kwargs):
+def train(base, tmp_path, tokenizer, seed, args=None, prompts=PROMPTS, **kwargs):
     cls = recording(base)
     cls.generated, cls.losses = [], []
     model = tiny.build_model(tokenizer, seed=seed % 1000)
     trainer = cls(model=model, reward_funcs=reward, args=args or config(tmp_path, tokenizer, seed),
-                  train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer, **kwargs)
+                  train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer, **kwargs)
     trainer.train()
     assert trainer.state.global_step == 2
     return trainer
@@ -178,7 +180,8 @@ def test_hista_advantages_use_the_state_before_each_token(tmp_path, tokenizer, s
     monkeypatch.setattr(SvebGRPOTrainer, "_hidden_by_forward",
                         lambda self, *a: extra_forwards.append(1) or original(self, *a))
     trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, args=config(
-        tmp_path, tokenizer, seed, num_iterations=num_iterations), value_estimator="hista", hista_temperature=0.05)
+        tmp_path, tokenizer, seed, num_iterations=num_iterations), value_estimator="hista", hista_temperature=0.05,
+        prompts=VARIED_PROMPTS)
     assert len(extra_forwards) == (len(trainer.generated) if num_iterations == 1 else 0)
     varied = False
     for gen in trainer.generated:
@@ -186,6 +189,7 @@ def test_hista_advantages_use_the_state_before_each_token(tmp_path, tokenizer, s
         returns = direct_returns(tokenizer, ids, mask)
         group = torch.arange(ids.shape[0]) // GENERATIONS
         prompt_length = gen["prompt_ids"].shape[1]
+        assert gen["prompt_mask"].sum(1).unique().numel() > 1  # left-padded prompts of different lengths
         states = gen["hidden"][-1][:, prompt_length - 1:prompt_length - 1 + ids.shape[1]]  # before token t
         packing = Packing.from_padded(mask, group)
         out = hista_values(packing.pack(states), returns[packing.rollout_ids.long()], packing.rollout_ids,
@@ -406,7 +410,7 @@ def test_hook_keeps_only_the_states_it_needs(tmp_path, tokenizer, seed, num_iter
 
     monkeypatch.setattr(integration._StateCapture, "__call__", spy)
     trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, value_estimator="hista", args=config(
-        tmp_path, tokenizer, seed, num_iterations=num_iterations))
+        tmp_path, tokenizer, seed, num_iterations=num_iterations), prompts=VARIED_PROMPTS)
     assert held and held == needed
     assert sum(held) < sum(whole)
     print(f"hook bytes held: {sum(held)} (was {sum(whole)}) over {len(trainer.generated)} generation batches")
@@ -449,7 +453,7 @@ def test_tool_tokens_are_no_states_no_milestones(tmp_path, tokenizer, seed, monk
         want = (returns[:, None] - before) * mask * spread[:, None]
         assert torch.allclose(adv, want, atol=1e-5)
 
-    trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, value_estimator="hista")
+    trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, value_estimator="hista", prompts=VARIED_PROMPTS)
     last = trainer.sveb_last
     assert not last.batch.state_mask[:, 2:5].any() and not last.token_mask[:, 2:5].any()
     assert last.batch.hidden.shape[0] == int(last.token_mask.sum())
@@ -475,7 +479,7 @@ def test_fallback_forward_runs_as_trl_runs_its_own(tmp_path, tokenizer, seed, mo
 
     monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", with_images)
     monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", spy)
-    trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, value_estimator="hista")
+    trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, value_estimator="hista", prompts=VARIED_PROMPTS)
     extra = [c for c in calls if not c["grad"]]
     assert len(extra) == len(trainer.generated)
     for call in extra:
