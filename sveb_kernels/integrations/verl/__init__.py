@@ -25,7 +25,7 @@ Where the code runs, one module each: `options` (the `algorithm.sveb` config, bo
 reads and the verl symbols it calls, and disabled on its own, with a RuntimeWarning, if not):
 
     registry                     core_algos.register_adv_est / ADV_ESTIMATOR_REGISTRY   driver   all
-    compute_advantage            ray_trainer.compute_advantage (+ core_algos.compute_pf_ppo_reweight_data)
+    compute_advantage            ray_trainer.compute_advantage (+ core_algos.compute_pf_ppo_reweight_data, optional)
                                                                                          driver   all
     v1_compute_advantage         v1.trainer_base.PPOTrainer._compute_advantage (+ trainer_base.tq,
                                  verl.DataProto, workers.utils.padding.response_to_nested)  driver   numca

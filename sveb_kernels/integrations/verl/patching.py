@@ -40,6 +40,7 @@ class Touchpoint:
 
     needs: the parameters the wrapper reads by name (must exist in verl's signature).
     symbols: the other verl names the wrapper uses, "module:attr.attr" (checked importable at patch time).
+    optional: verl names only one option needs (a warning at patch time, the touchpoint still patched).
     serves: the estimators that need this touchpoint.
     where: the process it runs in.
     """
@@ -54,6 +55,7 @@ class Touchpoint:
     where: str
     make_wrapper: Callable
     why: str
+    optional: tuple = ()
 
 
 def _register(core_algos) -> None:
@@ -69,9 +71,9 @@ TOUCHPOINTS = (
                "compute_advantage (the registry passes no values or token ids)"),
     Touchpoint("compute_advantage", RAY_TRAINER_MODULE, "compute_advantage", "wrap",
                ("data", "adv_estimator", "gamma", "lam", "norm_adv_by_std_in_grpo", "config"),
-               (f"{REGISTRY_MODULE}:compute_pf_ppo_reweight_data",), ESTIMATORS, "driver",
-               driver.wrap_compute_advantage,
-               "the sveb names -> compute_sveb_advantage; every other name -> verl's function unchanged"),
+               (), ESTIMATORS, "driver", driver.wrap_compute_advantage,
+               "the sveb names -> compute_sveb_advantage; every other name -> verl's function unchanged",
+               optional=(f"{REGISTRY_MODULE}:compute_pf_ppo_reweight_data",)),  # sveb_gae + use_pf_ppo
     Touchpoint("v1_compute_advantage", V1_MODULE, "PPOTrainer._compute_advantage", "wrap", ("self", "batch", "metrics"),
                (f"{V1_MODULE}:tq.kv_batch_get", f"{V1_MODULE}:tq.kv_batch_put", "verl:DataProto",
                 "verl.workers.utils.padding:response_to_nested", "tensordict:TensorDict"),
@@ -181,6 +183,11 @@ def apply(point: Touchpoint, module) -> Optional[str]:
         problem = missing_symbol(symbol)
         if problem is not None:
             return f"{where} needs {problem} (verl {verl_version()})"
+    for symbol in point.optional:
+        problem = missing_symbol(symbol)
+        if problem is not None:
+            warnings.warn(f"sveb_kernels verl plugin: {point.name} patched, but {problem}: the option that "
+                          f"uses it will fail (verl {verl_version()})", RuntimeWarning, stacklevel=3)
     setattr(owner, attribute, point.make_wrapper(current))
     return None
 
