@@ -963,3 +963,32 @@ def test_capture_through_a_lora_model(seed, tiny_model):
         want = lora(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
                     output_hidden_states=True).hidden_states[2]
     torch.testing.assert_close(capture.hidden, want, rtol=0, atol=0)
+
+
+def test_sveb_numca_carries_the_value_across_observation_tokens(seed):
+    """A multi-turn response: masked observation tokens inside it are no milestones, and the state
+    after them has the value at the last model token before them (not the value before any number)."""
+    import sveb_kernels as sk
+
+    data, tokenizer, scores = numca_data(seed)
+    plugin.set_tokenizer(tokenizer)
+    mask = data.batch["response_mask"]
+    lengths = mask.sum(1).long()
+    mask[:, 3:5] = 0  # an observation in every response
+    data.batch["token_level_rewards"] = torch.zeros_like(mask)
+    data.batch["token_level_rewards"][torch.arange(len(mask)), lengths - 1] = scores
+    values = plugin.numca_values_for_batch(data)
+    valid = mask.bool()
+    _, group = np.unique(data.non_tensor_batch["uid"].astype(str), return_inverse=True)
+    group = torch.as_tensor(group)
+    spans = sk.numeric_spans(data.batch["responses"], sk.NumericVocab.from_tokenizer(tokenizer), mask=valid)
+    after = sk.numca_values(spans, scores, group, valid, backend="reference").double()
+    for b in range(len(group)):
+        peers = [float(scores[j]) for j in range(len(group)) if group[j] == group[b] and j != b]
+        carried = sum(peers) / len(peers)  # before any number
+        for t in range(int(lengths[b])):
+            if valid[b, t]:
+                assert float(values[b, t]) == pytest.approx(carried, abs=1e-6), (b, t)
+                carried = float(after[b, t])
+            else:
+                assert float(values[b, t]) == 0.0

@@ -288,7 +288,7 @@ class SvebGRPOTrainer(GRPOTrainer):
     def _token_advantages(self, output: dict, captured: Optional["_StateCapture"], mode: str) -> Tensor:
         started = time.perf_counter()
         device = self.accelerator.device
-        prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
+        prompt_ids = output["prompt_ids"]
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
         local_rows, local_length = completion_ids.shape
         pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
