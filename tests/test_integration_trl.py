@@ -533,3 +533,18 @@ def test_a_stateful_estimator_is_checkpointed_and_resumed(tmp_path, tokenizer, s
     with pytest.warns(RuntimeWarning, match="sveb_estimator.pt"):
         trainer_with(plain, 2).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
     assert plain.steps == 1
+
+
+def test_a_trl_outside_the_tested_range_warns(monkeypatch):
+    """The [trl] extra is a floor, not a pin: a newer TRL installs, and the trainer says it is untested."""
+    from sveb_kernels.integrations import trl as integration
+
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    with pytest.warns(UserWarning, match="tested with trl >=1.16,<1.17, found 1.17.0"):
+        integration._check_trl_version()
+    monkeypatch.setattr(trl, "__version__", "1.16.3")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        integration._check_trl_version()
