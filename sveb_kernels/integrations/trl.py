@@ -23,11 +23,16 @@ for the state before completion token t; `group_index` the prompt; `returns` the
 rewards. It returns values [B, C + 1]; value t of a completion is the value at cell t. The same
 estimator objects are what `sveb-kernels sveb eval` scores.
 
-Hidden states (Hista, or an estimator with `needs_hidden = True`): the output of one layer
-(`hidden_layer`, indexed like `hidden_states`: 0 the embeddings, -1 the last, after the final
-norm), taken at the position before each completion token, by a forward hook during the no-grad
-forward TRL already runs for the old log-probs when it runs one; otherwise one extra no-grad
-forward of the policy (logits of one position only). `output_hidden_states` is never used.
+Hidden states (Hista, or an estimator with `needs_hidden = True`): `hidden_states[hidden_layer]`
+(0 the embeddings, -1 the last, after the final norm; found by `sveb_kernels.integrations._layers`,
+the resolver the verl plugin uses too), at the position before each real completion token (not
+tool output), copied out by a hook during the no-grad forward TRL already runs for the old
+log-probs when it runs one; otherwise TRL's own `_get_per_token_logps_and_entropies` is run once
+more, as TRL runs it (wrapped model, autocast, chunks, multimodal inputs). `output_hidden_states`
+is never used.
+
+Checkpoints: an estimator with `state_dict()` / `load_state_dict()` is saved as
+`sveb_estimator.pt` in each checkpoint folder and restored by `train(resume_from_checkpoint=...)`.
 
 Groups that span processes (TRL spreads a prompt's generations over processes): the built-in
 estimators (numca, hista, group_mean, rloo) value each process's own rows with
