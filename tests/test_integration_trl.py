@@ -25,6 +25,8 @@ from sveb_kernels.integrations.trl import SvebGRPOTrainer, resolve_layer  # noqa
 GENERATIONS = 4
 LENGTH = 10
 PROMPTS = ["Compute: 3 + 4", "Compute: 12 + 7", "Compute: 5 - 2", "Compute: 9 + 9"]
+# prompts of different token lengths: TRL left-pads them, so a padding bug in the state positions shows
+VARIED_PROMPTS = ["3 + 4", "Compute the sum: 12 + 7 + 1", "Compute: 5 - 2", "Please compute this: 9 + 9 + 9 + 9 = ?"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def recording(base):
             attention = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
             with torch.no_grad():  # the policy as it generated, read independently of the trainer's hook
                 hidden = self.model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states
-            self.generated.append({k: out[k].clone() for k in ("prompt_ids", "completion_ids", "completion_mask",
+            self.generated.append({k: out[k].clone() for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
                                                                "advantages")} | {"hidden": hidden})
             return out
 
@@ -70,12 +72,12 @@ def recording(base):
     return Recording
 
 
-def train(base, tmp_path, tokenizer, seed, args=None, **kwargs):
+def train(base, tmp_path, tokenizer, seed, args=None, prompts=PROMPTS, **kwargs):
     cls = recording(base)
     cls.generated, cls.losses = [], []
     model = tiny.build_model(tokenizer, seed=seed % 1000)
     trainer = cls(model=model, reward_funcs=reward, args=args or config(tmp_path, tokenizer, seed),
-                  train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer, **kwargs)
+                  train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer, **kwargs)
     trainer.train()
     assert trainer.state.global_step == 2
     return trainer
@@ -178,7 +180,8 @@ def test_hista_advantages_use_the_state_before_each_token(tmp_path, tokenizer, s
     monkeypatch.setattr(SvebGRPOTrainer, "_hidden_by_forward",
                         lambda self, *a: extra_forwards.append(1) or original(self, *a))
     trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, args=config(
-        tmp_path, tokenizer, seed, num_iterations=num_iterations), value_estimator="hista", hista_temperature=0.05)
+        tmp_path, tokenizer, seed, num_iterations=num_iterations), value_estimator="hista", hista_temperature=0.05,
+        prompts=VARIED_PROMPTS)
     assert len(extra_forwards) == (len(trainer.generated) if num_iterations == 1 else 0)
     varied = False
     for gen in trainer.generated:
@@ -186,6 +189,7 @@ def test_hista_advantages_use_the_state_before_each_token(tmp_path, tokenizer, s
         returns = direct_returns(tokenizer, ids, mask)
         group = torch.arange(ids.shape[0]) // GENERATIONS
         prompt_length = gen["prompt_ids"].shape[1]
+        assert gen["prompt_mask"].sum(1).unique().numel() > 1  # left-padded prompts of different lengths
         states = gen["hidden"][-1][:, prompt_length - 1:prompt_length - 1 + ids.shape[1]]  # before token t
         packing = Packing.from_padded(mask, group)
         out = hista_values(packing.pack(states), returns[packing.rollout_ids.long()], packing.rollout_ids,
@@ -209,11 +213,17 @@ def test_callable_estimator_with_gae(tmp_path, tokenizer, seed):
         returns = direct_returns(tokenizer, ids, mask).tolist()
         for b in range(ids.shape[0]):  # the GAE recurrence as a plain loop
             n = int(mask[b].sum())
-            v = [0.1 * t + 0.5 * returns[b] for t in range(n)]
+            peers = returns[b - b % GENERATIONS:b - b % GENERATIONS + GENERATIONS]
+            if max(peers) == min(peers):  # an all-equal group: no signal, as in GRPO
+                assert (adv[b] == 0).all()
+                continue
+            # scale_rewards="none": returns and values centred on the group mean (GRPO's baseline)
+            center = sum(peers) / GENERATIONS
+            v = [0.1 * t + 0.5 * returns[b] - center for t in range(n)]
             last, want = 0.0, [0.0] * n
             for t in reversed(range(n)):
                 nextv = v[t + 1] if t + 1 < n else 0.0
-                delta = (returns[b] if t == n - 1 else 0.0) + 0.9 * nextv - v[t]
+                delta = (returns[b] - center if t == n - 1 else 0.0) + 0.9 * nextv - v[t]
                 last = delta + 0.9 * 0.8 * last
                 want[t] = last
             assert torch.allclose(adv[b, :n], torch.tensor(want), atol=1e-4)
@@ -246,8 +256,7 @@ def test_hook_layer_matches_hidden_states(tokenizer):
         want = model(input_ids=ids, output_hidden_states=True).hidden_states
     for layer in (0, 1, 2, -1, -2, -3):
         store = []
-        handle = resolve_layer(model, layer).register_forward_hook(
-            lambda m, i, o: store.append(o[0] if isinstance(o, tuple) else o))
+        handle = resolve_layer(model, layer).hook(store.append)
         with torch.no_grad():
             model(input_ids=ids)
         handle.remove()
@@ -340,3 +349,202 @@ def test_numca_example_runs(tmp_path, monkeypatch, capsys):
     trainer = trl_grpo_numca.run("numca", steps=2, pretrain_steps=0, output_dir=str(tmp_path / "out"))
     assert trainer.state.global_step == 2
     assert "token values and advantages" in capsys.readouterr().out
+
+
+def constant(completions, **kwargs):
+    return [2.0 for _ in completions]
+
+
+@pytest.mark.parametrize("estimator", ["numca", "hista", "group_mean", "rloo", "callable"])
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_constant_rewards_give_no_signal(tmp_path, tokenizer, seed, estimator, scale_rewards):
+    """Every reward equal (GRPO's advantage 0): GAE with gamma < 1 over any values must give 0,
+    not the drift (gamma - 1) V divided by the zero std (+1e-4): max |A| was 1e3-6e3."""
+    def ramp(batch):  # values unrelated to the reward level
+        return 0.3 * torch.arange(batch.shape[1], dtype=torch.float32).expand(batch.shape)
+
+    cls = recording(SvebGRPOTrainer)
+    cls.generated, cls.losses = [], []
+    trainer = cls(model=tiny.build_model(tokenizer, seed=seed % 1000), reward_funcs=constant,
+                  args=config(tmp_path, tokenizer, seed, max_steps=1, scale_rewards=scale_rewards),
+                  train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
+                  value_estimator=ramp if estimator == "callable" else estimator, advantage_mode="gae", gamma=0.9,
+                  lam=0.95)
+    trainer.train()
+    assert trainer.generated
+    for gen in trainer.generated:
+        assert torch.equal(gen["advantages"], torch.zeros_like(gen["advantages"]))
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_eval_with_one_generation_gives_no_signal(tmp_path, tokenizer, seed):
+    """num_generations_eval=1: TRL's GRPO advantage is R - R = 0; R was divided by 1e-4."""
+    trainer = SvebGRPOTrainer(model=tiny.build_model(tokenizer, seed=seed % 1000), reward_funcs=reward,
+                              args=config(tmp_path, tokenizer, seed, num_generations_eval=1,
+                                          per_device_eval_batch_size=4, scale_rewards="group"),
+                              train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+                              eval_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+                              processing_class=tokenizer, value_estimator="numca", advantage_mode="gae", gamma=0.99)
+    trainer.evaluate()
+    last = trainer.sveb_last
+    assert last.advantages.shape[0] == len(PROMPTS)
+    assert torch.equal(last.advantages, torch.zeros_like(last.advantages))
+    assert bool((last.rewards > 0).any())  # the rewards were not all 0: the rule, not the data, gave 0
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])  # 1: the fallback forward; 2: TRL's own forward
+def test_hook_keeps_only_the_states_it_needs(tmp_path, tokenizer, seed, num_iterations, monkeypatch):
+    """The hook copies out the states before the real completion tokens only; it used to keep a
+    view of the layer's whole output ([rows, P + C, D]) alive until the values were computed."""
+    from sveb_kernels.integrations import trl as integration
+
+    held, whole, needed = [], [], []
+    original = integration._StateCapture.__call__
+
+    def spy(self, hidden):
+        original(self, hidden)
+        whole.append(hidden.untyped_storage().nbytes())
+        held.append(self.rows[-1].untyped_storage().nbytes())
+        chunk = self.mask[self.offset - hidden.shape[0]:self.offset]
+        needed.append(int(chunk.sum()) * hidden.shape[-1] * hidden.element_size())
+
+    monkeypatch.setattr(integration._StateCapture, "__call__", spy)
+    trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, value_estimator="hista", args=config(
+        tmp_path, tokenizer, seed, num_iterations=num_iterations), prompts=VARIED_PROMPTS)
+    assert held and held == needed
+    assert sum(held) < sum(whole)
+    print(f"hook bytes held: {sum(held)} (was {sum(whole)}) over {len(trainer.generated)} generation batches")
+
+
+def test_tool_tokens_are_no_states_no_milestones(tmp_path, tokenizer, seed, monkeypatch):
+    """TRL's tool_mask (0 = tool output): those tokens are no Numca milestone, no Hista query or key,
+    and get advantage 0; verl's response mask excludes them the same way."""
+    generate = GRPOTrainer._generate_and_score_completions
+
+    def with_tool_output(self, inputs):  # completion tokens 2..4 play a tool's output
+        out = generate(self, inputs)
+        tool = torch.ones_like(out["completion_mask"])
+        tool[:, 2:5] = 0
+        out["tool_mask"] = tool
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", with_tool_output)
+    trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, value_estimator="numca")
+    vocab = NumericVocab.from_tokenizer(tokenizer)
+    for gen in trainer.generated:
+        ids, adv = gen["completion_ids"], gen["advantages"]
+        real = gen["completion_mask"].bool()
+        mask = real.clone()
+        mask[:, 2:5] = False
+        assert (adv[:, 2:5] == 0).all()
+        returns = direct_returns(tokenizer, ids, real)
+        group = torch.arange(ids.shape[0]) // GENERATIONS
+        after = numca_values(numeric_spans(ids, vocab, mask=mask), returns, group, mask, backend="reference")
+        peers = torch.stack([(returns[group == group[b]].sum() - returns[b]) / (GENERATIONS - 1)
+                             for b in range(ids.shape[0])])
+        spread = torch.stack([returns[group == group[b]].max() > returns[group == group[b]].min()
+                              for b in range(ids.shape[0])])
+        # the value before token t: the last milestone among the model's own tokens before t
+        before = torch.cat([peers[:, None], after[:, :-1]], dim=1)
+        for b in range(ids.shape[0]):
+            for t in range(1, ids.shape[1]):
+                if not mask[b, t - 1]:
+                    before[b, t] = before[b, t - 1]
+        want = (returns[:, None] - before) * mask * spread[:, None]
+        assert torch.allclose(adv, want, atol=1e-5)
+
+    trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, value_estimator="hista", prompts=VARIED_PROMPTS)
+    last = trainer.sveb_last
+    assert not last.batch.state_mask[:, 2:5].any() and not last.token_mask[:, 2:5].any()
+    assert last.batch.hidden.shape[0] == int(last.token_mask.sum())
+
+
+def test_fallback_forward_runs_as_trl_runs_its_own(tmp_path, tokenizer, seed, monkeypatch):
+    """No TRL forward (num_iterations=1, no vLLM): the extra forward goes through TRL's own
+    `_get_per_token_logps_and_entropies` (autocast, the wrapped model, TRL's chunks) with the
+    batch's multimodal inputs, under no_grad."""
+    generate = GRPOTrainer._generate_and_score_completions
+    forward = GRPOTrainer._get_per_token_logps_and_entropies
+    calls = []
+
+    def with_images(self, inputs):  # as TRL's output carries a VLM's inputs
+        out = generate(self, inputs)
+        out["num_images"] = [0] * out["completion_ids"].shape[0]
+        return out
+
+    def spy(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        calls.append(dict(model=model, grad=torch.is_grad_enabled(), kwargs=dict(kwargs), rows=input_ids.shape[0]))
+        kwargs.pop("num_images", None)  # the tiny text model takes no images
+        return forward(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", with_images)
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", spy)
+    trainer = train(SvebGRPOTrainer, tmp_path, tokenizer, seed, value_estimator="hista", prompts=VARIED_PROMPTS)
+    extra = [c for c in calls if not c["grad"]]
+    assert len(extra) == len(trainer.generated)
+    for call in extra:
+        assert call["model"] is trainer.model
+        assert call["kwargs"]["num_images"] == [0] * call["rows"]
+        assert call["kwargs"]["batch_size"] == trainer.args.per_device_train_batch_size
+
+
+def test_a_stateful_estimator_is_checkpointed_and_resumed(tmp_path, tokenizer, seed):
+    """An estimator with state_dict()/load_state_dict() (e.g. a learned one) is saved into each
+    checkpoint folder and restored by `train(resume_from_checkpoint=...)`."""
+    from sveb_kernels.estimators import Estimator, GroupMean
+
+    class Counting(Estimator):  # GRPO's baseline, plus state: steps seen and the returns' running sum
+        name = "counting"
+
+        def __init__(self):
+            self.steps, self.total = 0, torch.zeros(())
+
+        def estimate(self, batch):
+            self.steps += 1
+            self.total = self.total + batch.returns.sum()
+            return GroupMean().estimate(batch)
+
+        def state_dict(self):
+            return {"steps": self.steps, "total": self.total.clone()}
+
+        def load_state_dict(self, state):
+            self.steps, self.total = int(state["steps"]), state["total"].clone()
+
+    def trainer_with(estimator, max_steps):
+        args = config(tmp_path, tokenizer, seed, max_steps=max_steps, save_strategy="steps", save_steps=1)
+        return SvebGRPOTrainer(model=tiny.build_model(tokenizer, seed=seed % 1000), reward_funcs=reward, args=args,
+                               train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+                               processing_class=tokenizer, value_estimator=estimator)
+
+    first = Counting()
+    trainer_with(first, 2).train()
+    saved = torch.load(tmp_path / "out" / "checkpoint-1" / "sveb_estimator.pt", weights_only=True)
+    assert saved["steps"] == 1 and (tmp_path / "out" / "checkpoint-2" / "sveb_estimator.pt").exists()
+
+    resumed = Counting()
+    trainer_with(resumed, 2).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    assert resumed.steps == 2  # one restored, one run after the resume
+    assert torch.equal(torch.load(tmp_path / "out" / "checkpoint-2" / "sveb_estimator.pt",
+                                  weights_only=True)["total"], resumed.total)
+    assert float(resumed.total) >= float(saved["total"])
+
+    plain = Counting()  # a checkpoint without the file: a warning, the initial state
+    (tmp_path / "out" / "checkpoint-1" / "sveb_estimator.pt").unlink()
+    with pytest.warns(RuntimeWarning, match="sveb_estimator.pt"):
+        trainer_with(plain, 2).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    assert plain.steps == 1
+
+
+def test_a_trl_outside_the_tested_range_warns(monkeypatch):
+    """The [trl] extra is a floor, not a pin: a newer TRL installs, and the trainer says it is untested."""
+    from sveb_kernels.integrations import trl as integration
+
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    with pytest.warns(UserWarning, match="tested with trl >=1.16,<1.17, found 1.17.0"):
+        integration._check_trl_version()
+    monkeypatch.setattr(trl, "__version__", "1.16.3")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        integration._check_trl_version()

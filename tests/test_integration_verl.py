@@ -23,6 +23,8 @@ with warnings.catch_warnings():
     from verl.trainer.ppo import core_algos, ray_trainer
 
 from sveb_kernels.integrations import verl as plugin
+from sveb_kernels.integrations.verl import patching
+from sveb_kernels.integrations.verl.options import options_from_request
 
 
 def random_mask(batch, length, generator):
@@ -72,14 +74,14 @@ def test_entry_point_declared():
     assert points, "sveb_kernels is not installed with its verl.plugins entry point (pip install -e .)"
 
 
-def test_patched_function_exists_with_the_expected_signature():
-    # If a verl upgrade renames or re-orders compute_advantage's parameters, this fails (and the
-    # plugin refuses to patch, warning, rather than wrapping a function it does not know).
+def test_patched_function_has_what_its_wrapper_reads():
+    # If a verl upgrade removes or renames a parameter the wrapper reads, this fails (and the
+    # plugin leaves that one touchpoint alone, warning, rather than wrapping a function it does not know).
     patched = ray_trainer.compute_advantage
     original = patched.__sveb_original__
     assert original.__module__ == "verl.trainer.ppo.ray_trainer"
-    assert tuple(inspect.signature(original).parameters) == plugin.EXPECTED_PARAMETERS
-    assert plugin.signature_mismatch(original) is None
+    point = next(t for t in plugin.TOUCHPOINTS if t.name == "compute_advantage")
+    assert patching.missing_parameters(original, point.needs) is None
     assert inspect.signature(patched) == inspect.signature(original)
     for name in plugin.ESTIMATORS:
         assert name in core_algos.ADV_ESTIMATOR_REGISTRY
@@ -88,25 +90,126 @@ def test_patched_function_exists_with_the_expected_signature():
         "data", "reweight_method", "weight_pow")
 
 
-def test_patching_is_idempotent_and_refuses_an_unknown_signature():
+def test_every_touchpoint_is_patched_and_checked():
+    """The whole table: each touchpoint's module imports, its target is wrapped (or, for the
+    registry, the names are registered), the signature seen by callers is verl's, and every verl
+    symbol a wrapper uses exists."""
+    import importlib
+
+    for point in plugin.TOUCHPOINTS:
+        module = importlib.import_module(point.module)
+        for symbol in point.symbols + point.optional:
+            assert patching.missing_symbol(symbol) is None, symbol
+        if point.kind == "register":
+            continue
+        wrapped = patching._resolve(module, point.target)
+        original = wrapped.__sveb_original__
+        assert patching.missing_parameters(original, point.needs) is None
+        assert inspect.signature(wrapped) == inspect.signature(original)
+    assert plugin.STATE.errors == {}
+    assert {p.name for p in plugin.TOUCHPOINTS} == {
+        "registry", "compute_advantage", "v1_compute_advantage", "v1_compute_old_log_prob", "engine_infer_batch",
+        "fsdp_prepare_model_outputs"}
+
+
+def test_patching_is_idempotent_and_tolerates_a_new_keyword(seed):
+    """A simulated verl 0.9.2 whose compute_advantage gains a keyword: still patched, the keyword
+    reaches verl's function for verl's own estimators, and the sveb names work."""
     patched = ray_trainer.compute_advantage
     plugin.install()
     assert ray_trainer.compute_advantage is patched
+    from types import ModuleType
 
-    class FakeModule:
-        @staticmethod
-        def compute_advantage(data, adv_estimator, gamma=1.0, config=None):
-            return data
+    seen = []
 
-    before = plugin._state.patch_error
+    def compute_advantage(data, adv_estimator, gamma=1.0, lam=1.0, num_repeat=1, norm_adv_by_std_in_grpo=True,
+                          config=None, rollout_weights=None):
+        seen.append(rollout_weights)
+        return data
+
+    module = ModuleType(patching.RAY_TRAINER_MODULE)
+    module.compute_advantage = compute_advantage
+    point = next(t for t in plugin.TOUCHPOINTS if t.name == "compute_advantage")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert patching.apply(point, module) is None
+    assert module.compute_advantage.__sveb_original__ is compute_advantage
+    module.compute_advantage("data", "grpo", rollout_weights="w")
+    assert seen == ["w"]
+    data = make_data(8, 12, torch.Generator().manual_seed(seed))
+    out = module.compute_advantage(data, "sveb_hista", 1.0, 1.0, 1, False, {}, rollout_weights="w")
+    mask = data.batch["response_mask"].bool()
+    assert torch.isfinite(out.batch["advantages"]).all() and (out.batch["advantages"][~mask] == 0).all()
+
+
+def test_a_changed_signature_disables_only_its_touchpoint():
+    """A compute_advantage without a parameter the wrapper reads: that touchpoint is not patched
+    (one RuntimeWarning), the sveb names raise its reason, the other touchpoints stay patched."""
+    from types import ModuleType
+
+    def compute_advantage(data, adv_estimator, gamma=1.0, config=None):
+        return data
+
+    module = ModuleType(patching.RAY_TRAINER_MODULE)
+    module.compute_advantage = compute_advantage
+    before = dict(plugin.STATE.errors)
     try:
-        with pytest.warns(RuntimeWarning, match="expected"):
-            plugin._patch(FakeModule)
-        assert "__sveb_original__" not in vars(FakeModule.compute_advantage)
-        with pytest.raises(RuntimeError, match="compute_advantage has parameters"):
+        with pytest.warns(RuntimeWarning, match="compute_advantage not patched") as record:
+            patching._patch_module(module)
+        assert len(record) == 1 and "lam, norm_adv_by_std_in_grpo" in str(record[0].message)
+        assert module.compute_advantage is compute_advantage  # left alone
+        assert "lam" in plugin.unavailable("sveb_gae") and plugin.unavailable("sveb_numca")
+        with pytest.raises(RuntimeError, match="has no parameter"):
             core_algos.get_adv_estimator_fn("sveb_gae")(token_level_rewards=None)
+        from verl.trainer.ppo.v1 import trainer_base
+
+        assert trainer_base.PPOTrainer._compute_old_log_prob.__sveb_original__ is not None  # untouched
     finally:
-        plugin._state.patch_error = before
+        plugin.STATE.errors.clear()
+        plugin.STATE.errors.update(before)
+
+
+def test_a_missing_verl_symbol_is_found_at_patch_time(monkeypatch):
+    """The v1 Numca wrap uses the trainer module's TransferQueue client `tq`: checked when the
+    module is patched, not found missing in the middle of a run."""
+    from types import ModuleType
+
+    class PPOTrainer:
+        def _compute_advantage(self, batch, metrics):
+            return batch
+
+    module = ModuleType(patching.V1_MODULE)
+    module.PPOTrainer = PPOTrainer
+    point = next(t for t in plugin.TOUCHPOINTS if t.name == "v1_compute_advantage")
+    monkeypatch.setitem(sys.modules, patching.V1_MODULE, module)
+    problem = patching.apply(point, module)
+    assert "tq" in problem and "not found" in problem
+    assert not hasattr(PPOTrainer._compute_advantage, "__sveb_original__")
+
+
+def test_version_outside_the_tested_range_warns_once(monkeypatch):
+    monkeypatch.setattr(verl, "__version__", "0.10.0")
+    monkeypatch.setattr(plugin.STATE, "version_checked", False)
+    with pytest.warns(RuntimeWarning, match="tested with verl >=0.9,<0.10, found 0.10.0"):
+        patching.check_verl_version()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert patching.check_verl_version() is None
+
+
+def test_a_plugin_that_fails_to_import_logs_a_warning():
+    # verl logs plugin import errors at DEBUG; the plugin logs its own failure at WARNING.
+    code = (
+        "import logging, sys, warnings; warnings.simplefilter('ignore'); logging.basicConfig(level=logging.WARNING)\n"
+        "sys.modules['sveb_kernels.integrations.verl.workers'] = None  # a broken plugin module\n"
+        "import verl\n"
+        "assert 'sveb_kernels.integrations.verl' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, VERL_USE_EXTERNAL_PLUGINS="auto")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    assert "WARNING:sveb_kernels.integrations.verl:sveb_kernels' verl plugin failed to load" in run.stderr
 
 
 def test_registry_lookup_explains_itself():
@@ -272,11 +375,38 @@ def test_sveb_numca_equals_a_direct_call_of_the_ops(seed, match, leave_one_out):
                                              and (j != b or not leave_one_out)]) else 0.0][0]
         for b in range(len(group))])
     before = torch.cat([peers[:, None], after[:, :-1]], dim=1)
-    raw = (scores.double()[:, None] - before)[mask]  # outcome reward: reward-to-go = R on every token
-    want = (raw - raw.mean()) / torch.sqrt(raw.var() + 1e-8)
-    assert torch.allclose(out.batch["advantages"][mask].double(), want, atol=1e-5)
+    # verl's GRPO convention (norm_adv_by_std_in_grpo=True): divided by the group's std + 1e-6; a
+    # group whose scores are all equal has no signal (outcome reward: reward-to-go = R everywhere)
+    stds = torch.stack([scores[group == group[b]].double().std() for b in range(len(group))])
+    flat = torch.tensor([scores[group == group[b]].unique().numel() == 1 for b in range(len(group))])
+    want = torch.where(flat[:, None], 0.0, (scores.double()[:, None] - before) / (stds[:, None] + 1e-6))
+    assert torch.allclose(out.batch["advantages"].double()[mask], want[mask], atol=1e-5)
     assert (out.batch["advantages"][~mask] == 0).all()
     assert torch.allclose(out.batch["returns"][mask].double(), scores.double()[:, None].expand_as(mask)[mask], atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["sveb_numca", "sveb_hista"])
+@pytest.mark.parametrize("mode,gamma,lam", [("r_minus_v", 1.0, 1.0), ("gae", 0.9, 0.95), ("gae", 0.99, 1.0)])
+@pytest.mark.parametrize("norm_by_std", [True, False])
+@pytest.mark.parametrize("whiten", [False, True])
+def test_constant_scores_give_no_signal_as_verls_grpo(seed, estimator, mode, gamma, lam, norm_by_std, whiten):
+    """verl's GRPO gives an all-equal group 0; the old default (whiten over the batch) gave a constant
+    -0.114 and GAE with gamma < 1 a drift divided by a zero std."""
+    data, tokenizer, _ = numca_data(seed)
+    plugin.set_tokenizer(tokenizer)
+    mask = data.batch["response_mask"]
+    last = (mask.sum(1).long() - 1).clamp_min(0)
+    rewards = torch.zeros_like(mask)
+    rewards[torch.arange(len(mask)), last] = 1.0 * (mask.sum(1) > 0)
+    data.batch["token_level_rewards"] = rewards
+    data.batch["values"] = torch.rand(mask.shape, generator=torch.Generator().manual_seed(seed)) * mask
+    reference = ray_trainer.compute_advantage(make_numca_copy(data), adv_estimator="grpo",
+                                              norm_adv_by_std_in_grpo=norm_by_std, config={})
+    assert torch.equal(reference.batch["advantages"], torch.zeros_like(mask))
+    out = ray_trainer.compute_advantage(data, adv_estimator=estimator, gamma=gamma, lam=lam,
+                                        norm_adv_by_std_in_grpo=norm_by_std,
+                                        config={"sveb": {"mode": mode, "whiten": whiten}})
+    assert torch.equal(out.batch["advantages"], torch.zeros_like(mask))
 
 
 def test_sveb_numca_gae_mode_with_unit_gamma_lam_is_r_minus_v(seed):
@@ -329,8 +459,8 @@ def padded_rollouts(model, generator, batch=6, prompt=7, response=9):
 def test_capture_equals_output_hidden_states(seed, tiny_model, layer):
     model, _ = tiny_model
     input_ids, attention, position_ids = padded_rollouts(model, torch.Generator().manual_seed(seed))
-    def hooks():  # transformers installs hooks of its own
-        return sum(len(m._forward_hooks) for m in model.modules())
+    def hooks():  # transformers installs hooks of its own; layer 0 is read by a pre-hook
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
     with torch.no_grad():
         want = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
@@ -384,7 +514,7 @@ def test_packed_response_states(seed, tiny_model):
 
 def test_capture_rejects_a_layer_out_of_range(tiny_model):
     model, _ = tiny_model
-    with pytest.raises(ValueError, match="layer must be in"):
+    with pytest.raises(ValueError, match="layer must be an int in"):
         plugin.HiddenStateCapture(model, layer=4)
     with pytest.raises(TypeError, match="layer"):
         plugin.HiddenStateCapture(model, layer="last")
@@ -424,7 +554,7 @@ def test_sveb_hista_from_worker_values_equals_the_op(seed, tiny_model):
     rewards[torch.arange(8), last] = scores
     data = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask, "values": values},
                                non_tensors={"uid": uid})
-    out = ray_trainer.compute_advantage(data, adv_estimator="sveb_hista", config={"sveb": {"whiten": False}})
+    out = ray_trainer.compute_advantage(data, adv_estimator="sveb_hista", norm_adv_by_std_in_grpo=False, config={})
     torch.testing.assert_close(out.batch["advantages"][valid], (scores[:, None] - values)[valid], rtol=0, atol=1e-6)
 
 
@@ -471,7 +601,7 @@ def test_sveb_numca_in_the_v1_trainer_equals_the_function_level_path(seed, monke
     from verl.trainer.ppo.v1 import trainer_base
 
     method = trainer_base.PPOTrainer._compute_advantage
-    assert tuple(inspect.signature(method.__sveb_original__).parameters) == plugin.V1_EXPECTED_PARAMETERS
+    assert method.__sveb_original__ is not None
 
     data, tokenizer, _ = numca_data(seed)
     plugin.set_tokenizer(tokenizer)
@@ -488,8 +618,11 @@ def test_sveb_numca_in_the_v1_trainer_equals_the_function_level_path(seed, monke
         "algorithm": {"adv_estimator": "sveb_numca", "gamma": 1.0, "lam": 1.0, "use_kl_in_reward": False,
                       "norm_adv_by_std_in_grpo": True, "sveb": {"numca": {"match": "prefix"}}},
         "actor_rollout_ref": {"rollout": {"n": 4}}})
-    trainer = SimpleNamespace(config=config, use_critic=False)
-    method(trainer, FakeQueue.Meta(keys, "train"), {})
+    plugin.set_tokenizer(None)  # the actor's tokenizer is the default
+    trainer = SimpleNamespace(config=config, use_critic=False, tokenizer=tokenizer)
+    metrics = {}
+    method(trainer, FakeQueue.Meta(keys, "train"), metrics)
+    plugin.set_tokenizer(tokenizer)
 
     want = ray_trainer.compute_advantage(make_numca_copy(data), adv_estimator="sveb_numca",
                                          config={"sveb": {"numca": {"match": "prefix"}}})
@@ -498,6 +631,10 @@ def test_sveb_numca_in_the_v1_trainer_equals_the_function_level_path(seed, monke
         got = queue.rows[("train", key)]
         torch.testing.assert_close(got["advantages"], want.batch["advantages"][i, :n], rtol=0, atol=1e-6)
         torch.testing.assert_close(got["returns"], want.batch["returns"][i, :n], rtol=0, atol=1e-6)
+    # sveb/* metrics, as the TRL integration logs them (verl logs values only with a critic)
+    mask = want.batch["response_mask"].bool()
+    assert metrics["sveb/advantage/max"] == pytest.approx(float(want.batch["advantages"][mask].max()), abs=1e-6)
+    assert {"sveb/value/mean", "sveb/value/std", "sveb/advantage/mean", "sveb/advantage/min"} <= set(metrics)
 
     with pytest.raises(ValueError, match="critic.enable=False"):
         method(SimpleNamespace(config=config, use_critic=True), FakeQueue.Meta(keys, "train"), {})
@@ -731,44 +868,51 @@ def test_hista_values_in_verls_engine_forward_equal_the_op(tmp_path, seed):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [f"case {c}" for c in range(len(ENGINE_CASES))]
 
 
-def test_worker_patches_exist_with_the_expected_signatures():
-    from verl.trainer.ppo.v1 import trainer_base
+def test_worker_patches_are_where_verls_worker_calls_them():
     from verl.workers.engine import base
     from verl.workers.engine.fsdp import transformer_impl
 
-    assert plugin._state.worker_error is None
-    for cls, method, expected in (
-        (base.BaseEngine, plugin.ENGINE_METHOD, plugin.ENGINE_EXPECTED_PARAMETERS),
-        (transformer_impl.FSDPEngineWithLMHead, plugin.FSDP_METHOD, plugin.FSDP_EXPECTED_PARAMETERS),
-        (trainer_base.PPOTrainer, plugin.V1_LOG_PROB_METHOD, plugin.V1_LOG_PROB_EXPECTED_PARAMETERS),
-    ):
-        wrapped = getattr(cls, method)
-        assert tuple(inspect.signature(wrapped.__sveb_original__).parameters) == expected
-        assert inspect.signature(wrapped) == inspect.signature(wrapped.__sveb_original__)
+    assert plugin.STATE.errors == {}
     # The FSDP engine inherits the wrapped infer_batch, and verl's worker calls it by that name.
     assert transformer_impl.FSDPEngineWithLMHead.infer_batch is base.BaseEngine.infer_batch
-    assert hasattr(transformer_impl.FSDPEngine, "_gather_and_unpad_packed")
+    assert base.BaseEngine.infer_batch.__sveb_original__ is not None
     from verl.workers import engine_workers
 
     assert "self.engine.infer_batch(data, loss_function=loss_function)" in inspect.getsource(
         engine_workers.TrainingWorker.infer_batch)
 
 
-def test_wrap_method_refuses_an_unknown_signature():
+def test_engine_wrap_tolerates_extra_parameters_and_refuses_missing_ones():
     from types import ModuleType
 
-    module = ModuleType("fake_verl_module")
+    module = ModuleType(patching.ENGINE_MODULE)
 
     class Engine:
-        def infer_batch(self, data, loss_function=None, extra=None):
-            return "original"
+        def infer_batch(self, data, loss_function=None, extra=None):  # a keyword verl might add
+            return ("original", extra)
+
+        def get_data_parallel_group(self):
+            return None
 
     module.BaseEngine = Engine
-    problem = plugin._wrap_method(module, "BaseEngine", "infer_batch", plugin.ENGINE_EXPECTED_PARAMETERS,
-                                  plugin.wrap_engine_infer_batch)
-    assert "expected" in problem and "extra" in problem
-    assert Engine().infer_batch(None) == "original"  # left alone
-    assert "has no" in plugin._wrap_method(module, "Missing", "infer_batch", (), plugin.wrap_engine_infer_batch)
+    point = next(t for t in plugin.TOUCHPOINTS if t.name == "engine_infer_batch")
+    symbols = point.symbols
+    object.__setattr__(point, "symbols", ())  # the fake module is not importable by name
+    try:
+        assert patching.apply(point, module) is None
+        assert Engine().infer_batch({}, extra=3) == ("original", 3)  # no Hista request: passed through
+
+        class Old:
+            def infer_batch(self, batch):  # `data` renamed
+                return "original"
+
+        module.BaseEngine = Old
+        assert "has no parameter(s) data" in patching.apply(point, module)
+        assert Old().infer_batch(None) == "original"  # left alone
+        del module.BaseEngine
+        assert "not found" in patching.apply(point, module)
+    finally:
+        object.__setattr__(point, "symbols", symbols)
 
 
 def test_old_log_prob_step_carries_the_hista_request_for_that_call_only():
@@ -791,7 +935,7 @@ def test_old_log_prob_step_carries_the_hista_request_for_that_call_only():
     assert seen[-1][plugin.HISTA_REQUEST_KEY] == {"layer": 2, "temperature": 0.5, "similarity": "cosine",
                                                    "backend": "reference"}
     assert plugin.HISTA_REQUEST_KEY not in batch.extra_info and plugin.HISTA_REQUEST_KEY not in out.extra_info
-    options = plugin._options_from_request(seen[-1][plugin.HISTA_REQUEST_KEY])
+    options = options_from_request(seen[-1][plugin.HISTA_REQUEST_KEY])
     assert options.backend == "reference" and options.hista == plugin.HistaOptions(layer=2, temperature=0.5)
 
     config.algorithm.adv_estimator = "grpo"  # every other estimator: verl's call, untouched
@@ -803,7 +947,7 @@ def test_old_log_prob_step_carries_the_hista_request_for_that_call_only():
         wrapped(SimpleNamespace(config=config, use_critic=True), batch, {})
     config.algorithm.sveb.hista.layer = "last"
     with pytest.raises(TypeError, match="layer"):
-        plugin.HiddenStateCapture(torch.nn.Module(), layer=plugin._options_from_request(
+        plugin.HiddenStateCapture(torch.nn.Module(), layer=options_from_request(
             plugin.hista_request(plugin.Options.from_config(config.algorithm))).hista.layer)
 
 
@@ -819,3 +963,32 @@ def test_capture_through_a_lora_model(seed, tiny_model):
         want = lora(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
                     output_hidden_states=True).hidden_states[2]
     torch.testing.assert_close(capture.hidden, want, rtol=0, atol=0)
+
+
+def test_sveb_numca_carries_the_value_across_observation_tokens(seed):
+    """A multi-turn response: masked observation tokens inside it are no milestones, and the state
+    after them has the value at the last model token before them (not the value before any number)."""
+    import sveb_kernels as sk
+
+    data, tokenizer, scores = numca_data(seed)
+    plugin.set_tokenizer(tokenizer)
+    mask = data.batch["response_mask"]
+    lengths = mask.sum(1).long()
+    mask[:, 3:5] = 0  # an observation in every response
+    data.batch["token_level_rewards"] = torch.zeros_like(mask)
+    data.batch["token_level_rewards"][torch.arange(len(mask)), lengths - 1] = scores
+    values = plugin.numca_values_for_batch(data)
+    valid = mask.bool()
+    _, group = np.unique(data.non_tensor_batch["uid"].astype(str), return_inverse=True)
+    group = torch.as_tensor(group)
+    spans = sk.numeric_spans(data.batch["responses"], sk.NumericVocab.from_tokenizer(tokenizer), mask=valid)
+    after = sk.numca_values(spans, scores, group, valid, backend="reference").double()
+    for b in range(len(group)):
+        peers = [float(scores[j]) for j in range(len(group)) if group[j] == group[b] and j != b]
+        carried = sum(peers) / len(peers)  # before any number
+        for t in range(int(lengths[b])):
+            if valid[b, t]:
+                assert float(values[b, t]) == pytest.approx(carried, abs=1e-6), (b, t)
+                carried = float(after[b, t])
+            else:
+                assert float(values[b, t]) == 0.0

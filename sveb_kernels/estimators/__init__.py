@@ -31,13 +31,15 @@ An estimator (`Estimator`): `name`, `fit(train_batch)` (SVEB calls it with its t
     CallableEstimator / as_estimator(fn)    any fn(batch) -> [B, T] Tensor or ndarray
 
 `make_estimator("numca" | "hista" | "group_mean" | "rloo" | callable | Estimator, **options)`
-builds one by name; `advantages_from_values(values, returns, mask, mode=, gamma=, lam=, whiten=)`
-turns values into per-token advantages (R - V, or GAE through `sveb_kernels.gae`).
+builds one by name; `advantages_from_values(values, returns, mask, mode=, gamma=, lam=, whiten=,
+group_index=, scale=)` turns values into per-token advantages (R - V, or GAE through
+`sveb_kernels.gae`), under the one token-advantage scaling rule the trainers use (`advantages.py`:
+centred on the group mean, divided by the group/batch std, all-equal groups 0; `group_scale`).
 """
 
 from __future__ import annotations
 
-from .advantages import ADVANTAGE_MODES, advantages_from_values
+from .advantages import ADVANTAGE_MODES, SCALINGS, GroupScale, advantages_from_values, group_scale
 from .base import CallableEstimator, Estimator, as_estimator
 from .batch import HiddenFn, MissingInputError, RolloutBatch, Shard
 from .builtin import GroupMean, Hista, LeaveOneOutMean, Numca, peer_mean
@@ -60,7 +62,7 @@ def make_estimator(spec, **options) -> Estimator:
 
 
 __all__ = [
-    "ADVANTAGE_MODES", "CallableEstimator", "Estimator", "GroupMean", "HiddenFn", "Hista", "LeaveOneOutMean",
+    "ADVANTAGE_MODES", "SCALINGS", "GroupScale", "group_scale", "CallableEstimator", "Estimator", "GroupMean", "HiddenFn", "Hista", "LeaveOneOutMean",
     "LinearCritic", "MissingInputError", "NAMED", "Numca", "RolloutBatch", "Shard", "advantages_from_values",
     "as_estimator", "make_estimator", "peer_mean",
 ]

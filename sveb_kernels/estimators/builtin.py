@@ -201,9 +201,16 @@ class Numca(Estimator):
         return self.fill_before_response(batch, values)
 
     def fill_before_response(self, batch: RolloutBatch, values: Tensor) -> Tensor:
-        """Give state cells outside the response the value before any number."""
-        outside = (batch.state_mask & ~batch.response_mask).to(values.device)
+        """Give a state cell outside the response the value at the row's last response token before
+        it (a hole in the response, e.g. a tool's output, adds no milestone), or before any: the
+        value before any number."""
+        response = batch.response_mask.to(values.device)
+        outside = batch.state_mask.to(values.device) & ~response
         if not bool(outside.any()):
             return values
         before = peer_mean(batch, leave_one_out=self.leave_one_out, empty_value=self.empty_value)
-        return torch.where(outside, before.to(values.device, torch.float32)[:, None], values)
+        columns = torch.arange(values.shape[1], device=values.device).expand(values.shape)
+        last = torch.where(response, columns, -1).cummax(dim=1).values
+        carried = torch.where(last >= 0, values.gather(1, last.clamp_min(0)),
+                              before.to(values.device, torch.float32)[:, None])
+        return torch.where(outside, carried, values)

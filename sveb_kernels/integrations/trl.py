@@ -1,5 +1,5 @@
 """`SvebGRPOTrainer`: `trl.GRPOTrainer` with token-level advantages from Hista, Numca or any value
-estimator (docs/CONTRACT.md §5). Needs `pip install "sveb_kernels[trl]"` (trl >= 1.16, < 1.17).
+estimator (docs/CONTRACT.md §5). Needs `pip install "sveb_kernels[trl]"` (trl >= 1.16; tested with 1.16, other versions warn).
 
     from sveb_kernels.integrations.trl import SvebGRPOTrainer
     trainer = SvebGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...,
@@ -9,9 +9,12 @@ estimator (docs/CONTRACT.md §5). Needs `pip install "sveb_kernels[trl]"` (trl >
 GRPO gives every token of a completion the same advantage, (R - mean of the group) / std. Here
 token t of a completion gets `A_t = R - V(s_t)` (or GAE over V with `gamma`, `lam`), where
 V(s_t) is the estimator's value of the state *before* token t (prompt plus the completion's first
-t tokens), computed over whole groups; then, like GRPO, divided by the reward std of the group
-(`scale_rewards="group"`) or batch (`"batch"`), or not (`"none"`); or whitened over the batch's
-tokens (`whiten_advantages=True`). With the `"group_mean"` estimator this is exactly GRPO.
+t tokens), computed over whole groups. Scaled as GRPO scales (the rule of
+`sveb_kernels.estimators.advantages`): returns and values centred on the group's mean reward and
+divided by TRL's reward std of the group (`scale_rewards="group"`) or batch (`"batch"`) + 1e-4, or
+not divided (`"none"`), or whitened over the tokens (`whiten_advantages=True`); a group whose
+rewards are all equal (an eval group of one generation too) gets 0, as GRPO gives it. With the
+`"group_mean"` estimator this is exactly GRPO.
 
 The estimator sees a `sveb_kernels.estimators.RolloutBatch` of the whole generation batch (all
 processes): `token_ids` [B, C + 1] = the last prompt token then the completion; `response_mask`
@@ -20,11 +23,16 @@ for the state before completion token t; `group_index` the prompt; `returns` the
 rewards. It returns values [B, C + 1]; value t of a completion is the value at cell t. The same
 estimator objects are what `sveb-kernels sveb eval` scores.
 
-Hidden states (Hista, or an estimator with `needs_hidden = True`): the output of one layer
-(`hidden_layer`, indexed like `hidden_states`: 0 the embeddings, -1 the last, after the final
-norm), taken at the position before each completion token, by a forward hook during the no-grad
-forward TRL already runs for the old log-probs when it runs one; otherwise one extra no-grad
-forward of the policy (logits of one position only). `output_hidden_states` is never used.
+Hidden states (Hista, or an estimator with `needs_hidden = True`): `hidden_states[hidden_layer]`
+(0 the embeddings, -1 the last, after the final norm; found by `sveb_kernels.integrations._layers`,
+the resolver the verl plugin uses too), at the position before each real completion token (not
+tool output), copied out by a hook during the no-grad forward TRL already runs for the old
+log-probs when it runs one; otherwise TRL's own `_get_per_token_logps_and_entropies` is run once
+more, as TRL runs it (wrapped model, autocast, chunks, multimodal inputs). `output_hidden_states`
+is never used.
+
+Checkpoints: an estimator with `state_dict()` / `load_state_dict()` is saved as
+`sveb_estimator.pt` in each checkpoint folder and restored by `train(resume_from_checkpoint=...)`.
 
 Groups that span processes (TRL spreads a prompt's generations over processes): the built-in
 estimators (numca, hista, group_mean, rloo) value each process's own rows with
@@ -39,13 +47,18 @@ advantage of each completion, with the token-level numbers in the extra columns
 `sveb_token_advantages` and `sveb_token_values`; metrics `sveb/value/*`, `sveb/advantage/*`
 (mean, std, min, max, within-completion std) and `sveb/estimate_seconds`.
 
-TRL internals relied on (trl 1.16): `GRPOTrainer._generate_and_score_completions` (its output dict
-keys, its `advantages` entry replaced by a [B, T] tensor, which `_compute_loss` accepts),
-`_calculate_rewards` (all processes' rewards per function), `_get_per_token_logps_and_entropies`
-(the no-grad forward), `reward_weights`, `num_generations(_eval)`, `scale_rewards`,
-`multi_objective_aggregation`, `_logs`, `_metrics`, `_tokenizer`, and the rule deciding when TRL
-computes old log-probs (`gradient_accumulation_steps % (steps_per_generation * num_iterations)`,
-or vLLM importance sampling).
+TRL internals relied on (trl 1.16; every one is exercised by tests/test_integration_trl.py):
+`GRPOTrainer._generate_and_score_completions` (overridden; its output keys `prompt_ids`,
+`prompt_mask`, `completion_ids`, `completion_mask`, `tool_mask`, the multimodal inputs of
+`FORWARD_KEYS`; its `advantages` entry replaced by a [B, T] tensor, which `_compute_loss` accepts),
+`_calculate_rewards` (overridden to keep all processes' rewards per function),
+`_get_per_token_logps_and_entropies` (overridden to hook its first no-grad policy forward; called
+for the fallback forward), `trl.trainer.grpo_trainer.disable_gradient_checkpointing`,
+`trl.trainer.utils.nanstd`, the attributes `reward_weights`, `num_generations(_eval)`,
+`scale_rewards`, `multi_objective_aggregation`, `use_vllm`, `vllm_importance_sampling_correction`,
+`num_iterations`, `_logs`, `_metrics`, `_tokenizer`, and the rule deciding when TRL computes old
+log-probs (`gradient_accumulation_steps % (steps_per_generation * num_iterations)`, or vLLM
+importance sampling).
 """
 
 from __future__ import annotations
@@ -76,8 +89,15 @@ from ..estimators import (
     advantages_from_values,
     make_estimator,
 )
+from ..estimators.advantages import group_scale
+from ._layers import HiddenLayer, resolve_layer
 
-__all__ = ["SvebGRPOTrainer", "TESTED_TRL"]
+__all__ = ["SvebGRPOTrainer", "TESTED_TRL", "resolve_layer"]
+
+# The entries of `_generate_and_score_completions`' output that TRL passes to its own policy forward
+# (multimodal inputs); the fallback forward passes them the same way.
+FORWARD_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                "token_type_ids", "mm_token_type_ids", "image_position_ids", "num_images", "num_tiles")
 
 TESTED_TRL = (">=1.16", "<1.17")
 # estimators that value a process's rows of a sharded batch through sveb_kernels.distributed
@@ -95,32 +115,6 @@ def _check_trl_version() -> None:
 
         warnings.warn(f"SvebGRPOTrainer is tested with trl {','.join(TESTED_TRL)}, found {trl.__version__}; it relies "
                       f"on GRPOTrainer internals (see sveb_kernels.integrations.trl)", stacklevel=3)
-
-
-def resolve_layer(model, layer: int):
-    """The module whose output is `hidden_states[layer]` of a transformers causal LM: 0 the
-    embeddings, 1..n-1 the decoder layers, n (or -1) the final norm."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, base.base_model_prefix, None)
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ValueError(f"cannot find the decoder layers of {type(base).__name__} to read hidden states from")
-    n = len(layers)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -(n + 1) <= layer <= n:
-        raise ValueError(f"hidden_layer must be an int in [{-(n + 1)}, {n}] for this model, got {layer!r}")
-    index = layer % (n + 1)
-    if index == 0:
-        return base.get_input_embeddings()
-    if index == n:
-        norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None)
-        if norm is None:
-            raise ValueError(f"cannot find the final norm of {type(base).__name__}; pass hidden_layer < {n}")
-        return norm
-    return layers[index - 1]
-
-
-def _layer_output(output) -> Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 class SvebGRPOTrainer(GRPOTrainer):
@@ -174,19 +168,53 @@ class SvebGRPOTrainer(GRPOTrainer):
         self._sveb_needs_hidden = isinstance(estimator, (Hista, LinearCritic)) or bool(
             getattr(estimator, "needs_hidden", False) or getattr(value_estimator, "needs_hidden", False))
         self._sveb_hidden_layer = hidden_layer
-        self._sveb_layer_module = None
+        self._sveb_layer_module: Optional[HiddenLayer] = None
         if self._sveb_needs_hidden:  # a bad hidden_layer fails here, not at the first step
             self._sveb_layer_module = resolve_layer(self.accelerator.unwrap_model(self.model), hidden_layer)
         self._sveb_rewards_per_func: Optional[Tensor] = None
-        self._sveb_capture: Optional[list] = None
+        self._sveb_capture: Optional[_StateCapture] = None
         self.sveb_last: Optional[SimpleNamespace] = None  # the last batch's estimate, for inspection and tests
 
     @property
-    def _sveb_layer(self):
-        """The module whose output is the hidden states the estimator reads."""
+    def _sveb_layer(self) -> HiddenLayer:
+        """Where the hidden states the estimator reads are hooked (`sveb_kernels.integrations._layers`)."""
         if self._sveb_layer_module is None:
             self._sveb_layer_module = resolve_layer(self.accelerator.unwrap_model(self.model), self._sveb_hidden_layer)
         return self._sveb_layer_module
+
+    # -- checkpoints: a stateful estimator (one with state_dict/load_state_dict) resumes with the run
+
+    ESTIMATOR_STATE_FILE = "sveb_estimator.pt"
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        estimator = self.value_estimator
+        if not callable(getattr(estimator, "state_dict", None)) or not self.args.should_save:
+            return
+        import os
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        # the folder TRL's and transformers' own _save_checkpoint just wrote
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        torch.save(estimator.state_dict(), os.path.join(folder, self.ESTIMATOR_STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # transformers calls this on every resume, with the resolved checkpoint folder (TRL restores
+        # its own adaptive-entropy state here too)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        estimator = self.value_estimator
+        if checkpoint is None or not callable(getattr(estimator, "load_state_dict", None)):
+            return
+        import os
+        import warnings
+
+        path = os.path.join(checkpoint, self.ESTIMATOR_STATE_FILE)
+        if not os.path.exists(path):
+            warnings.warn(f"{checkpoint} has no {self.ESTIMATOR_STATE_FILE}: the value estimator "
+                          f"{estimator.name!r} starts from its initial state", RuntimeWarning, stacklevel=2)
+            return
+        estimator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     # -- what TRL computes on the way ---------------------------------------------------------------
 
@@ -207,44 +235,43 @@ class SvebGRPOTrainer(GRPOTrainer):
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               *args, **kwargs)
         self._sveb_capture = None  # only the first no-grad policy forward: the old log-probs
-        handle = self._sveb_layer.register_forward_hook(self._state_hook(capture, logits_to_keep))
+        # TRL's attention mask is [prompt_mask | completion_mask]: its last C columns say which
+        # completion positions are real, so the hook copies out only their states.
+        capture.start(attention_mask[:, -logits_to_keep:].to(torch.bool))
+        handle = self._sveb_layer.hook(capture)
         try:
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               *args, **kwargs)
         finally:
             handle.remove()
 
-    @staticmethod
-    def _state_hook(store: list, completion_length: int):
-        # Position P-1+t holds the state before completion token t: the last C+1 positions but the last.
-        def hook(module, inputs, output):
-            hidden = _layer_output(output)
-            store.append(hidden[:, -(completion_length + 1):-1].detach())
-        return hook
+    def _hidden_by_forward(self, output: dict) -> Tensor:
+        """When TRL ran no policy forward: one, exactly as TRL runs its own old-log-prob forward (the
+        wrapped model, under the accelerator's autocast, in TRL's chunks, with the batch's multimodal
+        inputs), through `_get_per_token_logps_and_entropies` with the hook. Returns the states before
+        the real completion tokens, [n, D] in row-major order."""
+        from trl.trainer.grpo_trainer import disable_gradient_checkpointing
 
-    @torch.no_grad()
-    def _hidden_by_forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
-        """One extra no-grad forward of the policy: [b, C, D] states before each completion token."""
-        model = self.accelerator.unwrap_model(self.model)
-        ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention = torch.cat([prompt_mask, completion_mask], dim=1)
-        store: list = []
-        handle = self._sveb_layer.register_forward_hook(self._state_hook(store, completion_ids.shape[1]))
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         step = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        forward_kwargs = {k: output[k] for k in FORWARD_KEYS if k in output}
+        capture = _StateCapture()
+        self._sveb_capture = capture
         try:
-            for r0 in range(0, ids.shape[0], max(1, step)):
-                model(input_ids=ids[r0:r0 + step], attention_mask=attention[r0:r0 + step], logits_to_keep=1,
-                      use_cache=False)
+            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                self._get_per_token_logps_and_entropies(self.model, ids, attention, output["completion_ids"].shape[1],
+                                                        batch_size=step, **forward_kwargs)
         finally:
-            handle.remove()
-        return torch.cat(store, dim=0)
+            self._sveb_capture = None
+        return capture.states()
 
     # -- token-level advantages ---------------------------------------------------------------------
 
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
         self._sveb_rewards_per_func = None
-        captured: Optional[list] = [] if self._sveb_needs_hidden and self._trl_runs_policy_forward() else None
+        captured = _StateCapture() if self._sveb_needs_hidden and self._trl_runs_policy_forward() else None
         self._sveb_capture = captured
         try:
             output = super()._generate_and_score_completions(inputs)
@@ -253,7 +280,9 @@ class SvebGRPOTrainer(GRPOTrainer):
         if self._sveb_rewards_per_func is None:
             raise RuntimeError("SvebGRPOTrainer did not see the rewards: GRPOTrainer._calculate_rewards was not called "
                                f"(trl {trl.__version__} is not a tested version)")
-        output["advantages"] = self._token_advantages(output, captured or None, mode)
+        if captured is not None and not captured.started:  # TRL did not run the forward after all
+            captured = None
+        output["advantages"] = self._token_advantages(output, captured, mode)
         return output
 
     def _gather_padded(self, x: Tensor, pad) -> Tensor:
@@ -261,10 +290,10 @@ class SvebGRPOTrainer(GRPOTrainer):
             return x
         return self.accelerator.gather(self.accelerator.pad_across_processes(x, dim=1, pad_index=pad))
 
-    def _token_advantages(self, output: dict, captured: Optional[list], mode: str) -> Tensor:
+    def _token_advantages(self, output: dict, captured: Optional["_StateCapture"], mode: str) -> Tensor:
         started = time.perf_counter()
         device = self.accelerator.device
-        prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
+        prompt_ids = output["prompt_ids"]
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
         local_rows, local_length = completion_ids.shape
         pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
@@ -284,20 +313,33 @@ class SvebGRPOTrainer(GRPOTrainer):
         # so it moves no peer's value; TRL gives it advantage 0, and so do we below.
         returns = torch.where(torch.isnan(rewards), group_mean.repeat_interleave(generations), rewards)
 
-        # cells: [last prompt token | completion]; state cell t = before completion token t
-        valid = completion_mask.to(torch.bool)
+        # cells: [last prompt token | completion]; state cell t = before completion token t. Tool
+        # output (TRL's `tool_mask` 0) is not the policy's: no query, key or milestone, advantage 0.
+        real = completion_mask.to(torch.bool)
+        tool_mask = output.get("tool_mask")
+        valid = real if tool_mask is None else real & tool_mask.to(torch.bool)
         no = torch.zeros(local_rows, 1, dtype=torch.bool, device=device)
         local_ids = torch.cat([prompt_ids[:, -1:], completion_ids], dim=1)
         local_response, local_states = torch.cat([no, valid], dim=1), torch.cat([valid, no], dim=1)
         first = self.accelerator.process_index * local_rows
 
-        def states_before_tokens() -> Tensor:  # [b, C, D] of this process's rows
-            if captured is not None:
-                return torch.cat(captured, dim=0)
-            return self._hidden_by_forward(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        def states_before_tokens() -> Tensor:  # [n, D]: this process's `valid` cells, row-major
+            rows = captured.states() if captured is not None else self._hidden_by_forward(output)
+            return rows if tool_mask is None else rows[valid[real]]  # the hook kept every real token
 
-        def cells(states: Tensor) -> Tensor:  # [B, C, D] -> [B, C + 1, D], the last cell unused
-            return torch.nn.functional.pad(states, (0, 0, 0, 1))
+        def packed(batch: RolloutBatch, rows: Tensor) -> Tensor:
+            """Row-major states of the batch's state cells -> the batch's packing order."""
+            rank = batch.state_mask.flatten().cumsum(0) - 1
+            return rows[rank[batch.packing.token_index.to(rank.device)].to(rows.device)]
+
+        def gathered_states(batch: RolloutBatch) -> Tensor:  # all processes' states (callables only)
+            rows = states_before_tokens()
+            if self.accelerator.num_processes == 1:
+                return packed(batch, rows)
+            dense = rows.new_zeros(local_rows, local_length + 1, rows.shape[-1])
+            dense[local_states] = rows
+            everything = self._gather_padded(dense, 0.0)
+            return batch.packing.pack(everything[:, :batch.shape[1]])
 
         if self.accelerator.num_processes > 1 and isinstance(self.value_estimator, SHARDABLE):
             # Each process values its own rows; the estimator's collectives keep groups whole.
@@ -306,7 +348,7 @@ class SvebGRPOTrainer(GRPOTrainer):
             batch = RolloutBatch(local_ids, local_response, group_index[first:first + local_rows],
                                  returns[first:first + local_rows], state_mask=local_states,
                                  tokenizer=self._tokenizer, device=device, shard=shard,
-                                 hidden_fn=lambda b: b.packing.pack(cells(states_before_tokens())))
+                                 hidden_fn=lambda b: packed(b, states_before_tokens()))
             cell_values = self._estimate(batch)
             local_values = cell_values[:, :local_length].masked_fill(~valid, 0.0)
             values = self._gather_padded(local_values, 0.0)
@@ -318,17 +360,25 @@ class SvebGRPOTrainer(GRPOTrainer):
             state_mask = self._gather_padded(local_states, False)
             batch = RolloutBatch(token_ids, self._gather_padded(local_response, False), group_index, returns,
                                  state_mask=state_mask, tokenizer=self._tokenizer, device=device,
-                                 hidden_fn=lambda b: b.packing.pack(cells(self._gather_padded(states_before_tokens(),
-                                                                                              0.0))))
+                                 hidden_fn=gathered_states)
             length = token_ids.shape[1] - 1
             token_mask = state_mask[:, :length]
             values = self._estimate(batch)[:, :length].masked_fill(~token_mask, 0.0)
-        advantages = advantages_from_values(values, returns, token_mask, mode=self.advantage_mode, gamma=self.gamma,
-                                            lam=self.lam, whiten=self.whiten_advantages,
+        # The scaling rule (sveb_kernels.estimators.advantages): TRL's group baseline and
+        # `scale_rewards` std (+1e-4) applied to returns and values before the advantages; groups
+        # with all-equal rewards (and eval groups of one generation) and unscorable completions
+        # (NaN reward) get 0, as GRPO gives them.
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards must be 'batch', 'group' or 'none', got {self.scale_rewards!r}")
+        scaling = group_scale(rewards, group_index, scale=self.scale_rewards, eps=1e-4, lone_rollout="no_signal")
+        # TRL's own float32 statistics (so the group_mean estimator is TRL's GRPO to the bit); which
+        # rollouts have signal is the rule's.
+        std = self._reward_std(rewards, generations)
+        scaling = scaling._replace(center=torch.nanmean(grouped, dim=1).repeat_interleave(generations),
+                                   divisor=std + 1e-4 if self.scale_rewards != "none" else torch.ones_like(std))
+        advantages = advantages_from_values(values, rewards, token_mask, mode=self.advantage_mode, gamma=self.gamma,
+                                            lam=self.lam, whiten=self.whiten_advantages, scaling=scaling,
                                             backend=self.estimator_backend)
-        if not self.whiten_advantages and self.scale_rewards != "none":
-            advantages = advantages / (self._reward_std(rewards, generations)[:, None] + 1e-4)
-        advantages = advantages.masked_fill(unscorable[:, None], 0.0)
 
         self._log_token_level(mode, values, advantages, token_mask, time.perf_counter() - started)
         self.sveb_last = SimpleNamespace(batch=batch, token_ids=token_ids, values=values, advantages=advantages,
@@ -340,16 +390,15 @@ class SvebGRPOTrainer(GRPOTrainer):
         return batch.check_values(values, f"value estimator {self.value_estimator.name!r}").to(self.accelerator.device)
 
     def _reward_std(self, rewards: Tensor, generations: int) -> Tensor:
-        """GRPO's std of the rewards: per group (`scale_rewards="group"`) or of the batch."""
+        """GRPO's std of the rewards, as TRL computes it: per group (`scale_rewards="group"`) or of
+        the batch; 0 where it is undefined (a group or batch of one)."""
         from trl.trainer.utils import nanstd
 
-        if self.scale_rewards == "group":
-            if generations < 2:
-                return torch.zeros_like(rewards)
-            return nanstd(rewards.view(-1, generations), dim=1).repeat_interleave(generations)
         if self.scale_rewards == "batch":
             return nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
-        raise ValueError(f"scale_rewards must be 'batch', 'group' or 'none', got {self.scale_rewards!r}")
+        if generations < 2:
+            return torch.zeros_like(rewards)
+        return nanstd(rewards.view(-1, generations), dim=1).repeat_interleave(generations)
 
     def _log_token_level(self, mode: str, values: Tensor, advantages: Tensor, mask: Tensor, seconds: float) -> None:
         metrics = self._metrics[mode]
@@ -382,3 +431,34 @@ class SvebGRPOTrainer(GRPOTrainer):
         for column, x in (("sveb_token_advantages", advantages), ("sveb_token_values", values)):
             self._logs["extra"][column].extend(
                 " ".join(f"{v:.3g}" for v in x[b][mask[b]].tolist()) for b in range(rows))
+
+
+class _StateCapture:
+    """Called by the layer hook with each forward chunk's layer output [rows, P + C, D]: keeps a
+    copy of only the states before the chunk's real completion tokens (position P - 1 + t for
+    completion token t), so the layer's whole output (prompt positions, padding) is freed with
+    the forward. TRL runs its forward in chunks of rows, in order."""
+
+    def __init__(self):
+        self.mask: Optional[Tensor] = None
+        self.rows: list = []
+        self.offset = 0
+
+    @property
+    def started(self) -> bool:
+        return self.mask is not None
+
+    def start(self, completion_mask: Tensor) -> None:
+        self.mask, self.rows, self.offset = completion_mask, [], 0
+
+    def __call__(self, hidden: Tensor) -> None:
+        length = self.mask.shape[1]
+        chunk = self.mask[self.offset:self.offset + hidden.shape[0]]
+        self.offset += hidden.shape[0]
+        # boolean indexing copies: the kept rows own their memory, the layer output is not referenced
+        self.rows.append(hidden[:, -(length + 1):-1][chunk.to(hidden.device)].detach())
+
+    def states(self) -> Tensor:
+        if self.offset != self.mask.shape[0]:
+            raise RuntimeError(f"the hidden-state hook saw {self.offset} rows of a {self.mask.shape[0]}-row batch")
+        return torch.cat(self.rows, dim=0)
