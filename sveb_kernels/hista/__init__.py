@@ -37,6 +37,11 @@ _backend.register("hista_values", "reference", lambda: _reference.hista_values)
 _backend.register("hista_values", "triton", lambda: importlib.import_module(".triton", __name__).hista_values)
 _backend.register("hista_values", "cuda", lambda: importlib.import_module(".cuda", __name__).hista_values)
 _backend.register("hista_values", "cpp", lambda: importlib.import_module(".cpp", __name__).hista_values)
+# The backward (docs/DESIGN.md "Hista backward"): a forward on cpp/cuda is differentiated by the
+# Triton kernel on CUDA and by the reference on CPU (`_backend.backward_backend`).
+_backend.register("hista_values_backward", "reference", lambda: _reference.hista_values_backward)
+_backend.register("hista_values_backward", "triton",
+                  lambda: importlib.import_module(".triton", __name__).hista_values_backward)
 
 
 def hista_values(
@@ -70,7 +75,10 @@ def hista_values(
         validate: also scan the tensors for NaN/inf (default: SVEB_VALIDATE=1).
 
     Returns:
-        HistaOutput(values [N] float32, lse [N] float32), carrying no gradient (values are targets).
+        HistaOutput(values [N] float32, lse [N] float32). Both are differentiable with respect to
+        `hidden` and `returns` (not the masks, temperature or key_bias): the backward recomputes the
+        softmax weights from `lse`, in O(N*D) memory (docs/DESIGN.md "Hista backward"). Estimators
+        that use the values as targets detach their inputs.
     """
     _checks.tensor("hidden", hidden, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     n, d = hidden.shape
@@ -97,10 +105,10 @@ def hista_values(
         if key_bias is not None and bool((torch.isnan(key_bias) | (key_bias == float("inf"))).any()):
             raise ValueError("key_bias contains NaN or +inf")
     backend = _backend.resolve("hista_values", backend, device)
-    # Detached: Hista values are regression targets, and the ops define no gradient; without this a
-    # trainer passing hidden states that require grad would get outputs whose backward raises.
+    # Differentiable in hidden and returns (docs/CONTRACT.md §1, "Autograd"); key_bias is a constant
+    # of the op, detached so that its graph is not kept alive for nothing.
     values, lse = _ops.hista_values(
-        hidden.detach(), returns.detach(), rollout_ids, group_offsets, temperature, similarity, key_mask,
+        hidden, returns, rollout_ids, group_offsets, temperature, similarity, key_mask,
         None if key_bias is None else key_bias.detach(), empty_value, backend,
     )
     return HistaOutput(values, lse)
