@@ -157,6 +157,24 @@ def attend(q_hidden: Tensor, q_scale: Tensor, q_rollout: Tensor, k_hidden: Tenso
     return values, lse
 
 
+def group_layout(group_offsets: Tensor, n: int, device) -> tuple[list[int], Tensor]:
+    """(offsets as host ints, group index of every token, -1 outside every group), shared by the
+    forward and the backward. The raw op (torch.ops.sveb.hista_values) skips the host checks:
+    offsets outside [0, n] or out of order are clamped to a valid non-decreasing table, so any input
+    the schema admits stays in bounds. Tokens outside [o_0, o_G] then belong to no group (no keys)."""
+    offsets: list[int] = []
+    for o in group_offsets.tolist():
+        offsets.append(min(max(int(o), offsets[-1] if offsets else 0), n))
+    if len(offsets) < 2:
+        return offsets, torch.full((n,), -1, device=device)
+    counts = torch.tensor(offsets, device=device).diff()
+    group_of = torch.repeat_interleave(torch.arange(len(counts), device=device), counts,
+                                       output_size=offsets[-1] - offsets[0])
+    group_of = torch.cat([torch.full((offsets[0],), -1, device=device), group_of,
+                          torch.full((n - offsets[-1],), -1, device=device)])
+    return offsets, group_of
+
+
 def hista_values(
     hidden: Tensor,
     returns: Tensor,
@@ -177,19 +195,9 @@ def hista_values(
     if n == 0:
         return values, lse
 
-    # The raw op (torch.ops.sveb.hista_values) skips the host checks: offsets outside [0, n] or out of
-    # order are clamped to a valid non-decreasing table, so any input the schema admits stays in bounds.
-    # Tokens outside [o_0, o_G] then belong to no group and get the empty value.
-    offsets = []
-    for o in group_offsets.tolist():
-        offsets.append(min(max(int(o), offsets[-1] if offsets else 0), n))
+    offsets, group_of = group_layout(group_offsets, n, device)
     if len(offsets) < 2:
         return values, lse
-    counts = torch.tensor(offsets, device=device).diff()
-    group_of = torch.repeat_interleave(torch.arange(len(counts), device=device), counts,
-                                       output_size=offsets[-1] - offsets[0])
-    group_of = torch.cat([torch.full((offsets[0],), -1, device=device), group_of,
-                          torch.full((n - offsets[-1],), -1, device=device)])
     rollout = rollout_ids.to(device)
     query_scale, key_scale = token_scales(hidden, temperature, similarity)
     key_add = key_terms(n, key_bias, key_mask, device)
@@ -241,24 +249,19 @@ def hista_values_backward(
     grad_returns = torch.zeros(n, dtype=torch.float32, device=device)
     if n == 0:
         return torch.zeros_like(hidden), grad_returns.to(returns.dtype)
-    offsets = [int(o) for o in group_offsets.tolist()]
-    counts = torch.tensor(offsets, device=device).diff()
-    group_of = torch.repeat_interleave(torch.arange(len(counts), device=device), counts, output_size=n)
+    offsets, group_of = group_layout(group_offsets, n, device)
+    if len(offsets) < 2:
+        return torch.zeros_like(hidden), grad_returns.to(returns.dtype)
     rollout = rollout_ids.to(device)
-
-    h = hidden.to(torch.float32)
+    h = hidden.to(torch.float32)  # fp64 is computed in fp32, as in the forward
+    # The forward's scales, key terms and block scores (one home of the rules): p is exactly its p.
+    query_scale, key_scale = token_scales(h, temperature, similarity)
+    key_add = key_terms(n, key_bias, key_mask, device)
+    units = h if key_scale is None else h * key_scale[:, None]
+    # A tile may span groups: the zero weights across a group boundary must not turn another group's
+    # NaN hidden state into NaN here (0 * NaN). Rows that do depend on it hold NaN in w, through p.
+    finite_units = torch.nan_to_num(units, nan=0.0, posinf=0.0, neginf=0.0)
     inv_temperature = 1.0 / temperature
-    if similarity == "cosine":
-        norm = torch.linalg.vector_norm(h, dim=1)
-        scale = 1.0 / norm.clamp_min(EPS)
-        units = h * scale[:, None]
-    else:
-        units = h
-    key_add = torch.zeros(n, dtype=torch.float32, device=device)
-    if key_bias is not None:
-        key_add = key_add + key_bias.to(torch.float32)
-    if key_mask is not None:
-        key_add = key_add.masked_fill(~key_mask.to(torch.bool), float("-inf"))
     ret = returns.to(torch.float32)
     g_values = grad_values.to(torch.float32)
     g_lse = grad_lse.to(torch.float32)
@@ -268,39 +271,28 @@ def hista_values_backward(
 
     grad_units = torch.zeros(n, d, dtype=torch.float32, device=device)  # X / T, accumulated per tile
     tile = max(1, int(tile_elements ** 0.5))
-    for q0 in range(0, n, tile):
-        q1 = min(q0 + tile, n)
+    for q0 in range(offsets[0], offsets[-1], tile):
+        q1 = min(q0 + tile, offsets[-1])
         k_lo = offsets[bisect.bisect_right(offsets, q0) - 1]
         k_hi = offsets[bisect.bisect_right(offsets, q1 - 1)]
-        queries = units[q0:q1] * inv_temperature
-        q_group, q_rollout = group_of[q0:q1, None], rollout[q0:q1, None]
         key_tile = max(1, tile_elements // (q1 - q0))
         for k0 in range(k_lo, k_hi, key_tile):
             k1 = min(k0 + key_tile, k_hi)
-            keys = units[k0:k1]
-            scores = queries @ keys.T
-            # The forward's rules, so p is exactly the forward's: -inf before the key term is a
-            # non-finite hidden state (NaN), masked keys and other groups/own rollout leave K(i).
-            scores = scores.masked_fill_(scores == float("-inf"), float("nan")) + key_add[k0:k1]
-            usable = ((q_group == group_of[k0:k1]) & (q_rollout != rollout[k0:k1])
-                      & (key_add[k0:k1] != float("-inf")))
-            p = torch.exp(scores - lse_shift[q0:q1, None])
+            scores, usable = block_scores(
+                h[q0:q1], query_scale[q0:q1], rollout[q0:q1], group_of[q0:q1], h[k0:k1],
+                None if key_scale is None else key_scale[k0:k1], rollout[k0:k1], group_of[k0:k1], key_add[k0:k1])
             # torch.where, not a product: a NaN/inf outside K(i) must not leak in through 0 * NaN.
-            p = torch.where(usable, p, 0.0)
+            p = torch.where(usable, torch.exp(scores - lse_shift[q0:q1, None]), 0.0)
             grad_returns[k0:k1] += torch.where(usable, p * g_values[q0:q1, None], 0.0).sum(dim=0)
             coef = g_values[q0:q1, None] * (ret[k0:k1] - val[q0:q1, None]) + g_lse[q0:q1, None]
             w = torch.where(usable, p * coef, 0.0) * inv_temperature
-            # A tile may span groups: the zero weights across a group boundary must not turn another
-            # group's NaN hidden state into NaN here (0 * NaN). Rows that do depend on it already
-            # hold NaN in w, through p.
-            grad_units[q0:q1] += w @ torch.nan_to_num(keys, nan=0.0, posinf=0.0, neginf=0.0)
-            grad_units[k0:k1] += w.T @ torch.nan_to_num(units[q0:q1], nan=0.0, posinf=0.0, neginf=0.0)
+            grad_units[q0:q1] += w @ finite_units[k0:k1]
+            grad_units[k0:k1] += w.T @ finite_units[q0:q1]
 
-    if similarity == "cosine":
+    if key_scale is not None:
         # Through u = h / max(|h|, eps): the projection (I - u u^T) / |h| where |h| > eps, 1/eps below.
-        radial = (units * grad_units).sum(dim=1)
-        radial = torch.where(norm > EPS, radial, 0.0)
-        grad_hidden = (grad_units - units * radial[:, None]) * scale[:, None]
+        radial = torch.where(key_scale < 1.0 / EPS, (units * grad_units).sum(dim=1), 0.0)
+        grad_hidden = (grad_units - units * radial[:, None]) * key_scale[:, None]
     else:
         grad_hidden = grad_units
     return grad_hidden.to(hidden.dtype), grad_returns.to(returns.dtype)
