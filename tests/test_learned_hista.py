@@ -117,3 +117,15 @@ def test_frozen_estimator_never_updates():
     before = est.projection.detach().clone()
     est.estimate(synthetic_batch(g))
     assert est.updates == 0 and torch.equal(est.projection.detach(), before)
+
+
+def test_trains_under_inference_mode():
+    """`sveb eval` and trainers value batches under torch.inference_mode(): fitting and updating still work."""
+    g = torch.Generator().manual_seed(5)
+    est = LearnedHista(dim=4, epochs=1, groups_per_step=3, backend="reference")
+    with torch.inference_mode():
+        train, batch = synthetic_batch(g), synthetic_batch(g)
+        est.fit(train)
+        values = est.estimate(batch)
+    assert est.updates == 3 and torch.isfinite(values).all()
+    assert not est.projection.is_inference() and est.projection.requires_grad

@@ -85,6 +85,12 @@ class LearnedHista(Estimator):
         return None if self.log_inv_temperature is None else float(torch.exp(-self.log_inv_temperature.detach()))
 
     def _build(self, hidden: Tensor) -> None:
+        # Parameters must be ordinary tensors even when the first batch arrives under inference mode
+        # (`sveb eval` runs estimators under torch.inference_mode()).
+        with torch.inference_mode(False):
+            self._build_now(hidden.clone())
+
+    def _build_now(self, hidden: Tensor) -> None:
         d_in = hidden.shape[1]
         device = hidden.device
         generator = torch.Generator().manual_seed(self.seed)
@@ -136,13 +142,14 @@ class LearnedHista(Estimator):
         device = torch.device(device) if device is not None else projection.device
         if projection.shape[1] != self.dim:
             raise ValueError(f"the saved projection has d={projection.shape[1]}, this estimator d={self.dim}")
-        self.projection = projection.detach().to(device, torch.float32).clone().requires_grad_(True)
-        self.log_inv_temperature = state["log_inv_temperature"].detach().to(device).clone().requires_grad_(True)
-        self.feature_mean = state["feature_mean"].to(device)
-        self.feature_std = state["feature_std"].to(device)
-        self.optimizer = torch.optim.AdamW([self.projection, self.log_inv_temperature], lr=self.lr,
-                                           weight_decay=self.weight_decay)
-        self.optimizer.load_state_dict(state["optimizer"])  # moves its moments to the parameters' device
+        with torch.inference_mode(False):
+            self.projection = projection.detach().to(device, torch.float32).clone().requires_grad_(True)
+            self.log_inv_temperature = state["log_inv_temperature"].detach().to(device).clone().requires_grad_(True)
+            self.feature_mean = state["feature_mean"].to(device).clone()
+            self.feature_std = state["feature_std"].to(device).clone()
+            self.optimizer = torch.optim.AdamW([self.projection, self.log_inv_temperature], lr=self.lr,
+                                               weight_decay=self.weight_decay)
+            self.optimizer.load_state_dict(state["optimizer"])  # moves its moments to the parameters' device
 
     # ---- the op ------------------------------------------------------------------------------------
     def embed(self, hidden: Tensor) -> Tensor:
@@ -187,11 +194,17 @@ class LearnedHista(Estimator):
         """One optimizer step on packed tokens; returns the loss before the step."""
         self._ensure(hidden)
         started = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(hidden, returns, rollout_ids, offsets, key_bias)
-        if loss.requires_grad:
-            loss.backward()
-            self.optimizer.step()
+        # Training works under inference mode / no_grad too (SVEB and trainers value batches there):
+        # inputs made under inference mode are cloned into ordinary tensors for autograd.
+        with torch.inference_mode(False), torch.enable_grad():
+            if hidden.is_inference():
+                hidden, returns, rollout_ids, offsets = (t.clone() for t in (hidden, returns, rollout_ids, offsets))
+                key_bias = None if key_bias is None else key_bias.clone()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss(hidden, returns, rollout_ids, offsets, key_bias)
+            if loss.requires_grad:
+                loss.backward()
+                self.optimizer.step()
         self.updates += 1
         if hidden.is_cuda:
             torch.cuda.synchronize(hidden.device)
