@@ -135,3 +135,14 @@ def test_plot_shows_every_op_against_total_tokens(tmp_path):
     png = tmp_path / "all.png"
     plot.plot_report(Report(config={}, ceilings={}, rows=rows), str(png), "test")
     assert png.stat().st_size > 1000
+
+
+def test_bench_hista_backward_against_dense_autograd():
+    """`--ops hista_backward`: forward + backward of the op next to autograd through the dense formula
+    (the speedup column's baseline), gradients agreeing, peak memory recorded."""
+    proc = run_bench("--json", "-", "--no-csv", "--ops", "hista_backward")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)["rows"]
+    assert {r["impl"] for r in rows} >= {"dense autograd", "reference fused bwd"}
+    assert all(r["op"] == "hista fwd+bwd" and r["agree"] is True and r["peak_mib"] is not None for r in rows)
+    assert all(r["speedup"] is not None for r in rows if r["impl"] != "dense autograd")

@@ -37,7 +37,7 @@ class Row:
 class Config:
     device: torch.device
     quick: bool = False
-    ops: tuple[str, ...] = ("hista", "gae", "numca")
+    ops: tuple[str, ...] = ("hista", "hista_backward", "gae", "numca")
     hista_tokens: tuple[int, ...] = ()
     hidden_size: int = 0
     rollouts: int = 8
@@ -168,6 +168,20 @@ def _hista_rows(config: Config, dtype: torch.dtype, ceilings: dict, progress: _P
     return rows
 
 
+def _hista_backward_rows(config: Config, dtype: torch.dtype, ceilings: dict, progress: _Progress) -> list[Row]:
+    from . import backward
+
+    rows = []
+    for tokens in config.hista_tokens:
+        case = cases.hista_case(config.groups, config.rollouts, tokens, config.hidden_size, dtype, config.device)
+        expected, compare, variants = backward.variants(case, 0.1, "cosine", config.device)
+        # forward (1 GEMM) + backward (3 GEMMs: scores again, dX as queries, dX as keys)
+        work = _Work(4 * case.flops, "TFLOP/s", 1e12, ceilings["matmul_flops_per_s"])
+        rows += _measure_variants("hista fwd+bwd", case.label, variants, config, progress, expected, compare, work,
+                                  tokens_per_group=tokens, total_tokens=int(case.hidden.shape[0]))
+    return rows
+
+
 def _gae_rows(config: Config, ceilings: dict, progress: _Progress) -> list[Row]:
     batch, length = config.gae_shape
     case = cases.gae_case(batch, length, config.device)
@@ -250,6 +264,7 @@ def run(config: Config) -> Report:
     backends = _backend.available_backends(device)
     flex = device.type == "cuda" and config.hidden_size <= 256
     counts = {"hista": len(config.hista_tokens) * (1 + flex + len(backends["hista_values"])),
+              "hista_backward": len(config.hista_tokens) * (1 + len(backends.get("hista_values_backward", []))),
               "gae": 1 + len(backends["gae"]),
               "numca": 1 + len(backends["numeric_spans"]) + len(backends["numca_values"])}
     progress = _Progress(sum(counts.get(op, 0) for op in config.ops), config.progress)
@@ -258,6 +273,8 @@ def run(config: Config) -> Report:
     try:
         if "hista" in config.ops:
             report.rows += _hista_rows(config, dtype, ceilings, progress)
+        if "hista_backward" in config.ops:
+            report.rows += _hista_backward_rows(config, dtype, ceilings, progress)
         if "gae" in config.ops:
             report.rows += _gae_rows(config, ceilings, progress)
         if "numca" in config.ops:
