@@ -65,6 +65,6 @@ def make_estimator(spec, **options) -> Estimator:
 
 __all__ = [
     "ADVANTAGE_MODES", "CallableEstimator", "Estimator", "GroupMean", "HiddenFn", "Hista", "LeaveOneOutMean",
-    "LearnedHista", "LinearCritic", "MissingInputError", "NAMED", "Numca", "RolloutBatch", "Shard", "advantages_from_values",
-    "as_estimator", "make_estimator", "peer_mean",
+    "LearnedHista", "LinearCritic", "MissingInputError", "NAMED", "Numca", "RolloutBatch", "Shard",
+    "advantages_from_values", "as_estimator", "make_estimator", "peer_mean",
 ]
