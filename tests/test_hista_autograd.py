@@ -239,3 +239,21 @@ def test_backward_memory_is_bounded():
                                         lse, 0.1, "cosine", None, None, tile_elements=1 << 16)
     largest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
     assert largest < n * n * 4 // 16, f"an allocation of {largest} bytes (N^2 fp32 = {n * n * 4})"
+
+
+def test_raw_backward_op_rejects_mismatched_shapes(seed):
+    hidden, returns, rollout_ids, offsets = make_batch([[3, 4]], 5)
+    n = hidden.shape[0]
+    values, lse = torch.ops.sveb.hista_values(hidden, returns, rollout_ids, offsets, 0.2, "cosine", None, None, 0.0,
+                                              "reference")
+    with pytest.raises(ValueError, match="grad_values"):
+        torch.ops.sveb.hista_values_backward(torch.randn(n + 1), torch.randn(n), hidden, returns, rollout_ids, offsets,
+                                             values, lse, 0.2, "cosine", None, None, "reference")
+    with pytest.raises(ValueError, match="lse"):
+        torch.ops.sveb.hista_values_backward(torch.randn(n), torch.randn(n), hidden, returns, rollout_ids, offsets,
+                                             values, lse[:-1], 0.2, "cosine", None, None, "reference")
+    # Offsets out of range or order are clamped, as in the forward: bounded, no crash.
+    bad = torch.tensor([0, 100, 2, -5])
+    g_h, g_r = torch.ops.sveb.hista_values_backward(torch.randn(n), torch.randn(n), hidden, returns, rollout_ids,
+                                                    bad, values, lse, 0.2, "cosine", None, None, "reference")
+    assert g_h.shape == hidden.shape and g_r.shape == returns.shape

@@ -39,9 +39,30 @@ _backend.register("hista_values", "cuda", lambda: importlib.import_module(".cuda
 _backend.register("hista_values", "cpp", lambda: importlib.import_module(".cpp", __name__).hista_values)
 # The backward (docs/DESIGN.md "Hista backward"): a forward on cpp/cuda is differentiated by the
 # Triton kernel on CUDA and by the reference on CPU (`_backend.backward_backend`).
-_backend.register("hista_values_backward", "reference", lambda: _reference.hista_values_backward)
-_backend.register("hista_values_backward", "triton",
-                  lambda: importlib.import_module(".triton", __name__).hista_values_backward)
+def _checked_backward(implementation):
+    """The backward op's shape checks, before any backend indexes by them: the raw op
+    (torch.ops.sveb.hista_values_backward) may be called directly with any tensors the schema admits."""
+    def run(grad_values, grad_lse, hidden, returns, rollout_ids, group_offsets, values, lse, *options):
+        if hidden.dim() != 2:
+            raise ValueError(f"hidden must be [N, D], got shape {tuple(hidden.shape)}")
+        n = hidden.shape[0]
+        for name, t in (("grad_values", grad_values), ("grad_lse", grad_lse), ("returns", returns),
+                        ("rollout_ids", rollout_ids), ("values", values), ("lse", lse)):
+            if tuple(t.shape) != (n,):
+                raise ValueError(f"{name} must have shape [N={n}], got {tuple(t.shape)}")
+        for name, t in zip(("key_mask", "key_bias"), options[2:4]):
+            if t is not None and tuple(t.shape) != (n,):
+                raise ValueError(f"{name} must have shape [N={n}], got {tuple(t.shape)}")
+        if group_offsets.dim() != 1 or group_offsets.numel() < 1:
+            raise ValueError(f"group_offsets must be [G+1], got shape {tuple(group_offsets.shape)}")
+        return implementation(grad_values, grad_lse, hidden, returns, rollout_ids, group_offsets, values, lse,
+                              *options)
+    return run
+
+
+_backend.register("hista_values_backward", "reference", lambda: _checked_backward(_reference.hista_values_backward))
+_backend.register("hista_values_backward", "triton", lambda: _checked_backward(
+    importlib.import_module(".triton", __name__).hista_values_backward))
 
 
 # The smallest temperature admitted: 1/temperature times the largest cosine factor 1/eps (1e6) must
