@@ -28,7 +28,7 @@ from sveb_kernels.sveb.batch import SvebBatch
 from sveb_kernels.sveb.features import hidden_states_fn
 from sveb_kernels.sveb.metrics import score
 
-TEMPERATURES = (0.01, 0.03, 0.1, 0.3, 1.0)
+TEMPERATURES = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 def decision_states(batch: SvebBatch, tol: float = 1e-9) -> np.ndarray:
@@ -104,6 +104,10 @@ def run_seed(seed: int, prompts: int, group_size: int, epochs: int, bootstrap: i
         sweep[t] = metrics(values, train, dec_train, 0, seed)["decision_pearson"]
     best_t = max(sweep, key=lambda t: sweep[t])
     record(f"hista_cos (T={best_t:g}, best on train)", Hista("cosine", best_t))
+    # Ablation: the same estimator untrained (standardised features, random projection, initial
+    # temperature): how much of the gain is the learning, not the standardisation.
+    record("learned_hista_d64 untrained", LearnedHista(dim=64, temperature=best_t, epochs=0, seed=seed,
+                                                       steps_per_batch=0), fit=True)
     learned = LearnedHista(dim=64, temperature=best_t, epochs=epochs, groups_per_step=16, seed=seed,
                            steps_per_batch=0)  # scored as fit on train, frozen on held-out
     record("learned_hista_d64", learned, fit=True)

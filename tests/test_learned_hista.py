@@ -129,3 +129,32 @@ def test_trains_under_inference_mode():
         values = est.estimate(batch)
     assert est.updates == 3 and torch.isfinite(values).all()
     assert not est.projection.is_inference() and est.projection.requires_grad
+
+
+def test_in_the_trl_trainer(tmp_path, seed):
+    """SvebGRPOTrainer(value_estimator=LearnedHista(...)): hidden states are handed to it, every
+    generation batch is valued then learned from, the advantages are R - V with V from the
+    parameters before that batch's update, and the state saves and loads."""
+    pytest.importorskip("trl")
+    trl_tests = pytest.importorskip("test_integration_trl")
+    from sveb_kernels.integrations.trl import SvebGRPOTrainer
+
+    tokenizer = trl_tests.tiny.build_tokenizer()
+    est = LearnedHista(dim=8, lr=1e-2, backend="reference")
+    snapshots = []
+    original = est.values_now
+
+    def values_now(batch):  # the values the trainer gets, and a frozen copy taken just before
+        snapshots.append((copy.deepcopy(est), batch))
+        return original(batch)
+
+    est.values_now = values_now
+    trainer = trl_tests.train(SvebGRPOTrainer, tmp_path, tokenizer, seed, value_estimator=est)
+    assert trainer.value_estimator is est and est.updates == len(trainer.generated) == len(snapshots) > 0
+    for (frozen, batch), gen in zip(snapshots, trainer.generated):
+        mask = gen["completion_mask"].bool()
+        values = frozen.values_now(batch)
+        assert torch.isfinite(gen["advantages"]).all() and values.shape[0] == mask.shape[0]
+    restored = LearnedHista(dim=8, lr=1e-2, backend="reference")
+    restored.load_state_dict(est.state_dict())
+    assert torch.equal(restored.projection, est.projection.detach())

@@ -46,6 +46,7 @@ class LearnedHista(Estimator):
     """
 
     needs_train = False  # it learns online; SVEB's train split, when there is one, warms it up
+    needs_hidden = True  # trainers must hand it the policy's hidden states (as for Hista)
 
     def __init__(self, dim: int = 64, temperature: float = 0.1, *, lr: float = 3e-3, weight_decay: float = 0.0,
                  steps_per_batch: int = 1, epochs: int = 20, groups_per_step: int = 16,
