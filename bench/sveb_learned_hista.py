@@ -28,7 +28,7 @@ from sveb_kernels.sveb.batch import SvebBatch
 from sveb_kernels.sveb.features import hidden_states_fn
 from sveb_kernels.sveb.metrics import score
 
-TEMPERATURES = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+TEMPERATURES = (1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 def decision_states(batch: SvebBatch, tol: float = 1e-9) -> np.ndarray:
@@ -73,8 +73,9 @@ def policy_step_seconds(model, batch: SvebBatch, repeats: int = 3) -> float:
     return best
 
 
-def run_seed(seed: int, prompts: int, group_size: int, epochs: int, bootstrap: int, log) -> dict:
-    config = embedded.EmbeddedConfig(train_prompts=prompts, eval_prompts=prompts, group_size=group_size, seed=seed)
+def run_seed(seed: int, prompts: int, group_size: int, epochs: int, bootstrap: int, log, train_steps: int = 0) -> dict:
+    config = embedded.EmbeddedConfig(train_prompts=prompts, eval_prompts=prompts, group_size=group_size, seed=seed,
+                                     train_steps=train_steps)
     tokenizer = tiny.build_tokenizer()
     dataset = embedded.arith_dataset(tokenizer, config)
     model = embedded.embedded_model(tokenizer, config)
@@ -139,12 +140,13 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument("--train-steps", type=int, default=0, help="steps the tiny model is trained (0: random init)")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(1)
     log = lambda m: print(m, flush=True)
     results = {"config": vars(args), "seeds": {s: run_seed(s, args.prompts, args.group_size, args.epochs,
-                                                           args.bootstrap, log) for s in args.seeds}}
+                                                           args.bootstrap, log, args.train_steps) for s in args.seeds}}
     names = list(next(iter(results["seeds"].values()))["rows"])
     summary = {}
     for name in names:
