@@ -109,7 +109,8 @@ def run_seed(seed: int, prompts: int, group_size: int, epochs: int, bootstrap: i
     # temperature): how much of the gain is the learning, not the standardisation.
     record("learned_hista_d64 untrained", LearnedHista(dim=64, temperature=best_t, epochs=0, seed=seed,
                                                        steps_per_batch=0), fit=True)
-    learned = LearnedHista(dim=64, temperature=best_t, epochs=epochs, groups_per_step=16, seed=seed,
+    learned = LearnedHista(dim=64, temperature=best_t, temperature_lr=3e-3, epochs=epochs, groups_per_step=16,
+                           seed=seed,
                            steps_per_batch=0)  # scored as fit on train, frozen on held-out
     record("learned_hista_d64", learned, fit=True)
     rows["learned_hista_d64"]["final_temperature"] = learned.temperature

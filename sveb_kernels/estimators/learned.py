@@ -37,7 +37,9 @@ class LearnedHista(Estimator):
     Args:
         dim: width d of the projection.
         temperature: initial temperature of the cosine similarity of the projected states.
-        lr, weight_decay: AdamW's, for the projection and the log inverse temperature.
+        lr, weight_decay: AdamW's, for the projection.
+        temperature_lr: AdamW's learning rate of log(1/temperature) (larger: the temperature must be
+            able to move by orders of magnitude within a few dozen steps).
         steps_per_batch: optimizer steps on each batch after valuing it (0: frozen).
         epochs, groups_per_step: `fit(train)`: passes over the train groups, groups per step.
         equal_rollout_weight: every other rollout weighs the same (key bias -log of its length).
@@ -48,7 +50,8 @@ class LearnedHista(Estimator):
     needs_train = False  # it learns online; SVEB's train split, when there is one, warms it up
     needs_hidden = True  # trainers must hand it the policy's hidden states (as for Hista)
 
-    def __init__(self, dim: int = 64, temperature: float = 0.1, *, lr: float = 3e-3, weight_decay: float = 0.0,
+    def __init__(self, dim: int = 64, temperature: float = 0.1, *, lr: float = 3e-3, temperature_lr: float = 0.05,
+                 weight_decay: float = 0.0,
                  steps_per_batch: int = 1, epochs: int = 20, groups_per_step: int = 16,
                  equal_rollout_weight: bool = False, empty_value: float = 0.0, seed: int = 0,
                  backend: str = "auto", name: Optional[str] = None):
@@ -62,6 +65,7 @@ class LearnedHista(Estimator):
         self.dim = int(dim)
         self.initial_temperature = float(temperature)
         self.lr = float(lr)
+        self.temperature_lr = float(temperature_lr)
         self.weight_decay = float(weight_decay)
         self.steps_per_batch = int(steps_per_batch)
         self.epochs = int(epochs)
@@ -106,8 +110,12 @@ class LearnedHista(Estimator):
             self.feature_mean = x.mean(dim=0)
             self.feature_std = x.std(dim=0, correction=0).clamp_min(1e-6) if x.shape[0] > 1 else torch.ones_like(
                 self.feature_mean)
-        self.optimizer = torch.optim.AdamW([self.projection, self.log_inv_temperature], lr=self.lr,
-                                           weight_decay=self.weight_decay)
+        self.optimizer = self._optimizer()
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([{"params": [self.projection]},
+                                  {"params": [self.log_inv_temperature], "lr": self.temperature_lr}],
+                                 lr=self.lr, weight_decay=self.weight_decay)
 
     def _ensure(self, hidden: Tensor) -> None:
         if self.projection is None:
@@ -125,6 +133,7 @@ class LearnedHista(Estimator):
     def state_dict(self) -> dict:
         """Parameters, feature statistics, optimizer state and counters (empty before the first batch)."""
         out = {"config": dict(dim=self.dim, temperature=self.initial_temperature, lr=self.lr,
+                              temperature_lr=self.temperature_lr,
                               weight_decay=self.weight_decay, seed=self.seed), "updates": self.updates}
         if self.projection is not None:
             out.update(projection=self.projection.detach().clone(),
@@ -148,8 +157,7 @@ class LearnedHista(Estimator):
             self.log_inv_temperature = state["log_inv_temperature"].detach().to(device).clone().requires_grad_(True)
             self.feature_mean = state["feature_mean"].to(device).clone()
             self.feature_std = state["feature_std"].to(device).clone()
-            self.optimizer = torch.optim.AdamW([self.projection, self.log_inv_temperature], lr=self.lr,
-                                               weight_decay=self.weight_decay)
+            self.optimizer = self._optimizer()
             self.optimizer.load_state_dict(state["optimizer"])  # moves its moments to the parameters' device
 
     # ---- the op ------------------------------------------------------------------------------------
