@@ -460,7 +460,10 @@ def build_schedule(group_offsets: Tensor, cfg: HistaConfig, n: int) -> tuple[Ten
     Groups of fewer than 2 tokens have no keys for anyone and get no items (their rows keep the
     empty value); they sort last. Cost: O(G log G) on the device, a few small kernels.
     """
-    offsets = group_offsets.detach().to(torch.int64)
+    # The raw op skips the host checks (torch.compile, graph capture, torch.ops.sveb.hista_values):
+    # offsets outside [0, N] or out of order are made a valid table on the device, so every index the
+    # kernels derive stays inside the buffers (docs/DESIGN.md "Memory safety without checks").
+    offsets = torch.cummax(group_offsets.detach().to(torch.int64).clamp(0, n), dim=0).values
     num_groups = offsets.numel() - 1
     starts, lengths = offsets[:-1], offsets.diff()
     lengths = torch.where(lengths > 1, lengths, 0)
