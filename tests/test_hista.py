@@ -239,3 +239,21 @@ def test_plain_formula_overflow_falls_back_to_the_oracle_bound():
     with pytest.raises(AssertionError):   # a real miss on an overflowed row is still caught
         assert_within_twice_plain_error(torch.tensor([0.5, -0.2, 1.0]), plain, want, torch.ones(3, dtype=torch.bool),
                                         torch.ones(3))
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_smallest_admitted_temperature_gives_no_nan(seed, similarity, backend):
+    """Issue 20 item 4: 1/temperature times the cosine factor 1/max(|h|, eps) overflowed float32 for
+    temperatures the check admitted (scores NaN). The admitted range now ends at MIN_TEMPERATURE, where
+    no logit of finite inputs is NaN (dot logits are bounded here by small hidden states)."""
+    from sveb_kernels.hista import MIN_TEMPERATURE
+
+    hidden, returns, rollout_ids, offsets = make_batch(random_groups(3, 4, 7), 5)
+    hidden = hidden * (1e-4 if similarity == "cosine" else 1e-16)   # small norms: the largest cosine factor
+    hidden[0] = 0.0
+    out = sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=MIN_TEMPERATURE, similarity=similarity,
+                          backend=backend)
+    assert not torch.isnan(out.values).any() and not torch.isnan(out.lse).any()
+    assert (out.values.abs() <= returns.abs().max() * (1 + 1e-6)).all()
+    with pytest.raises(ValueError, match="temperature must be at least"):
+        sk.hista_values(hidden, returns, rollout_ids, offsets, temperature=1e-38, backend=backend)

@@ -393,9 +393,10 @@ def _hista_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_scale_ptr
                         else:
                             acc = tl.dot(q, tl.trans(k), acc, input_precision=DOT_PRECISION)
 
-                scores = acc * q_scale[:, None]
-                if HAS_K_SCALE:
+                scores = acc
+                if HAS_K_SCALE:  # key scale first: acc / |h_j| stays near |h_i|, so 1/temperature cannot overflow it
                     scores = scores * tl.load((k_scale_ptr + k0) + key_idx, mask=col_ok, other=0.0)[None, :]
+                scores = scores * q_scale[:, None]
                 # Before the key term, -inf can only come from a non-finite hidden state: NaN, so that it
                 # poisons the row instead of being a silent zero weight (docs/DESIGN.md, "GPU readiness").
                 scores = tl.where(scores == _NEG_INF, _NAN, scores)
