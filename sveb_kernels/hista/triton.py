@@ -394,9 +394,10 @@ def _hista_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_scale_ptr
                         else:
                             acc = tl.dot(q, tl.trans(k), acc, input_precision=DOT_PRECISION)
 
-                scores = acc * q_scale[:, None]
-                if HAS_K_SCALE:
+                scores = acc
+                if HAS_K_SCALE:  # key scale first: acc / |h_j| stays near |h_i|, so 1/temperature cannot overflow it
                     scores = scores * tl.load((k_scale_ptr + k0) + key_idx, mask=col_ok, other=0.0)[None, :]
+                scores = scores * q_scale[:, None]
                 # Before the key term, -inf can only come from a non-finite hidden state: NaN, so that it
                 # poisons the row instead of being a silent zero weight (docs/DESIGN.md, "GPU readiness").
                 scores = tl.where(scores == _NEG_INF, _NAN, scores)
@@ -461,7 +462,10 @@ def build_schedule(group_offsets: Tensor, cfg: HistaConfig, n: int) -> tuple[Ten
     Groups of fewer than 2 tokens have no keys for anyone and get no items (their rows keep the
     empty value); they sort last. Cost: O(G log G) on the device, a few small kernels.
     """
-    offsets = group_offsets.detach().to(torch.int64)
+    # The raw op skips the host checks (torch.compile, graph capture, torch.ops.sveb.hista_values):
+    # offsets outside [0, N] or out of order are made a valid table on the device, so every index the
+    # kernels derive stays inside the buffers (docs/DESIGN.md "Memory safety without checks").
+    offsets = torch.cummax(group_offsets.detach().to(torch.int64).clamp(0, n), dim=0).values
     num_groups = offsets.numel() - 1
     starts, lengths = offsets[:-1], offsets.diff()
     lengths = torch.where(lengths > 1, lengths, 0)
