@@ -606,14 +606,15 @@ class HistaBackwardConfig:
 
     block_m: int = 64
     block_n: int = 64
-    block_d: int = 64
+    block_d: int = 32
     num_warps: int = 8
     num_stages: int = 2
 
 
 # Chosen as the largest tiles whose compiled kernel does not spill on sm80 and sm90 (checked ahead of
-# time by tests/test_triton_backward_compile.py): 64x64x64 on 8 warps for bf16/fp16; fp32's 3xTF32
-# dots need three times the operand registers, so 64x32x32. Not yet timed on a GPU.
+# time by tests/test_triton_backward_compile.py): 64x64 score tiles, BLOCK_D 32, 8 warps, 2 stages for
+# bf16/fp16 (BLOCK_D 64 spills 8 B for fp16 on sm90 with 2 stages); fp32's 3xTF32 dots need three
+# times the operand registers, so 64x32x32. Not yet timed on a GPU.
 BACKWARD_CONFIG = HistaBackwardConfig()
 BACKWARD_CONFIG_FP32 = HistaBackwardConfig(block_m=64, block_n=32, block_d=32, num_warps=8, num_stages=2)
 
@@ -689,9 +690,11 @@ def _hista_backward_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_
                 # The forward's logits, in base 2 (the row terms of `_row_terms_kernel`).
                 if KEY_SIDE:  # a = keys, b = queries
                     q_scale_b = tl.load(q_scale_ptr + rows_b, mask=b_ok, other=0.0)
-                    scores = acc * q_scale_b[None, :]
+                    # The forward's order: key scale first, so 1/temperature cannot overflow the product.
+                    scores = acc
                     if HAS_K_SCALE:
                         scores = scores * k_scale_a[:, None]
+                    scores = scores * q_scale_b[None, :]
                     scores = tl.where(scores == _NEG_INF, _NAN, scores)
                     if HAS_K_ADD:
                         scores = scores + k_add_a[:, None]
@@ -704,9 +707,10 @@ def _hista_backward_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_
                     coef = grad_values_b[None, :] * (returns_a[:, None] - values_b[None, :]) + grad_lse_b[None, :]
                     grad_returns_a += tl.sum(tl.where(usable, p * grad_values_b[None, :], 0.0), axis=1)
                 else:  # a = queries, b = keys
-                    scores = acc * q_scale_a[:, None]
+                    scores = acc
                     if HAS_K_SCALE:
                         scores = scores * tl.load(k_scale_ptr + rows_b, mask=b_ok, other=0.0)[None, :]
+                    scores = scores * q_scale_a[:, None]
                     scores = tl.where(scores == _NEG_INF, _NAN, scores)
                     if HAS_K_ADD:
                         scores = scores + k_add_b[None, :]
