@@ -461,7 +461,9 @@ __global__ void __launch_bounds__(Tiles::kThreads, Tiles::kMinBlocksPerSm) hista
         // A non-finite hidden state gives NaN here, never a silent -inf (zero weight): its scale
         // (inv_norm) is 0 (cosine: 0 * inf) or NaN (dot, set by the host code). A select that turned
         // -inf into NaN here instead made ptxas spill the tensor-core kernels.
-        const float s = fmaf(x * q_scale[row], scale, add);
+        // Key scale first: x * inv_norm_j stays near |h_i|, so the query scale (1/temperature) cannot
+        // overflow it to inf for a cosine logit at any admitted temperature (docs/DESIGN.md).
+        const float s = fmaf(x * scale, q_scale[row], add);
         x = key ? s : -INFINITY;
         tile_max[r] = fmaxf(tile_max[r], x);
       }

@@ -142,3 +142,17 @@ def available_backends(device: Union[torch.device, str, None] = None) -> dict[st
     return {
         op: [b for b in BACKENDS if why_unavailable(op, b, device_type) is None] for op in registered_ops()
     }
+
+
+def backward_backend(op: str, forward_backend: str, device_type: str) -> str:
+    """The backend that differentiates `op` after `forward_backend` computed it: the same backend when
+    it has a backward (`<op>_backward`), else the fastest one that has (Triton on CUDA), else the
+    reference, which runs anywhere. So a forward on the cpp or cuda kernel is differentiable too."""
+    backward = f"{op}_backward"
+    if why_unavailable(backward, forward_backend, device_type) is None:
+        return forward_backend
+    order = {"cuda": _AUTO_ORDER_CUDA.get(backward, _DEFAULT_AUTO_ORDER_CUDA)}.get(device_type, ())
+    for candidate in order:
+        if why_unavailable(backward, candidate, device_type) is None:
+            return candidate
+    return "reference"

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._backend import implementation
+from ._backend import backward_backend, implementation
 
 
 # Why a custom op: it makes Hista opaque to torch.compile (the kernels are not traceable) while its
@@ -40,6 +40,66 @@ def _hista_values_fake(hidden, returns, rollout_ids, group_offsets, temperature,
                        empty_value, backend):
     n = hidden.shape[0]
     return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+
+
+# The backward of hista_values (docs/DESIGN.md "Hista backward"): its own op, so torch.compile sees one
+# opaque node with a fake impl, and each backend registers its kernels like the forward's. p is
+# recomputed from the saved lse: the op takes the forward's outputs, never an [N, N] buffer.
+@torch.library.custom_op("sveb::hista_values_backward", mutates_args=())
+def hista_values_backward(
+    grad_values: Tensor,
+    grad_lse: Tensor,
+    hidden: Tensor,
+    returns: Tensor,
+    rollout_ids: Tensor,
+    group_offsets: Tensor,
+    values: Tensor,
+    lse: Tensor,
+    temperature: float,
+    similarity: str,
+    key_mask: Optional[Tensor],
+    key_bias: Optional[Tensor],
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return implementation("hista_values_backward", backend)(
+        grad_values, grad_lse, hidden, returns, rollout_ids, group_offsets, values, lse, temperature, similarity,
+        key_mask, key_bias,
+    )
+
+
+@hista_values_backward.register_fake
+def _hista_values_backward_fake(grad_values, grad_lse, hidden, returns, rollout_ids, group_offsets, values, lse,
+                                temperature, similarity, key_mask, key_bias, backend):
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format), \
+        torch.empty_like(returns, memory_format=torch.contiguous_format)
+
+
+def _hista_setup_context(ctx, inputs, output):
+    (hidden, returns, rollout_ids, group_offsets, temperature, similarity, key_mask, key_bias, _empty_value,
+     backend) = inputs
+    values, lse = output
+    ctx.save_for_backward(hidden, returns, rollout_ids, group_offsets, values, lse, key_mask, key_bias)
+    ctx.options = (temperature, similarity, backend)
+
+
+def _hista_backward(ctx, grad_values, grad_lse):
+    hidden, returns, rollout_ids, group_offsets, values, lse, key_mask, key_bias = ctx.saved_tensors
+    temperature, similarity, backend = ctx.options
+    # An output that did not reach the loss has no gradient (None): it contributes zero.
+    grad_values = torch.zeros_like(values) if grad_values is None else grad_values
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+    grad_hidden = grad_returns = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_hidden, grad_returns = hista_values_backward(
+            grad_values, grad_lse, hidden, returns, rollout_ids, group_offsets, values, lse, temperature, similarity,
+            key_mask, key_bias, backward_backend("hista_values", backend, hidden.device.type))
+    # Gradients flow to hidden and returns only (docs/CONTRACT.md §1): integer inputs, masks,
+    # temperature and key_bias are constants of the op.
+    return (grad_hidden if ctx.needs_input_grad[0] else None, grad_returns if ctx.needs_input_grad[1] else None,
+            None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("sveb::hista_values", _hista_backward, setup_context=_hista_setup_context)
 
 
 # Why a custom op: the Triton/CUDA scans are single kernels that the compiler must not trace into.

@@ -157,5 +157,16 @@ def test_the_progress_bar_counts_what_runs(monkeypatch):
     assert len(lookups) == 1
     assert totals == [len(steps)] == [len(report.rows)]
     ops = [row.op for row in report.rows]
-    assert ops == sorted(ops, key=["hista_values", "gae", "numeric_spans", "numca_values"].index)
+    assert ops == sorted(ops, key=["hista_values", "hista fwd+bwd", "gae", "numeric_spans", "numca_values"].index)
     assert all(row.median_ms for row in report.rows), [(row.op, row.impl, row.note) for row in report.rows]
+
+
+def test_bench_hista_backward_against_dense_autograd():
+    """`--ops hista_backward`: forward + backward of the op next to autograd through the dense formula
+    (the speedup column's baseline), gradients agreeing, peak memory recorded."""
+    proc = run_bench("--json", "-", "--no-csv", "--ops", "hista_backward")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)["rows"]
+    assert {r["impl"] for r in rows} >= {"dense autograd", "reference fused bwd"}
+    assert all(r["op"] == "hista fwd+bwd" and r["agree"] is True and r["peak_mib"] is not None for r in rows)
+    assert all(r["speedup"] is not None for r in rows if r["impl"] != "dense autograd")

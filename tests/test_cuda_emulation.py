@@ -91,6 +91,19 @@ def emulated_hista(exe, directory, hidden, returns, rollout_ids, offsets, *, tem
     return run_emulator(exe, "hista", directory, params, arrays, ["values", "lse"])
 
 
+@pytest.mark.parametrize("offsets", [[0, 4096 + 150], [-5, 60, 30, 150], [200, 9000], [0, 40, 2 ** 62]])
+def test_hista_kernel_bounds_bad_offsets(emulator, tmp_path, seed, offsets):
+    """The raw op skips the host checks: the kernel clamps offsets on the device (docs/DESIGN.md,
+    "Memory safety without checks"), so bad ones give bounded values, never a wild read or write."""
+    hidden, returns, rollout_ids, _ = make_batch([[50, 50, 50]], 16)
+    returns = torch.rand(150)
+    values, lse = emulated_hista(emulator, tmp_path, hidden, returns, rollout_ids, torch.tensor(offsets),
+                                 empty_value=-1.0)
+    assert values.shape == (150,)
+    assert bool((((values >= -1e-6) & (values <= 1 + 1e-6)) | (values == -1.0)).all())
+    assert bool((torch.isfinite(lse) | (lse == float("-inf"))).all())
+
+
 def groups_spanning_tiles():
     # 5 groups of up to 5 rollouts: about 2-4 query tiles, tiles cut through groups and rollouts
     groups = random_groups(5, 5, 30) + [[], [9]]  # plus an empty and a single-rollout group

@@ -349,3 +349,61 @@ def test_query_block_path_matches_the_oracle(seed, similarity, dtype, tile, monk
         v, l = _attend(hidden[lo:hi], rollout[lo:hi], hidden, rollout, returns, key_add, temperature, similarity, -2.0)
         torch.testing.assert_close(v.double(), want_v[lo:hi], atol=1e-4 * float(returns.abs().max()), rtol=0)
         torch.testing.assert_close(l.double(), want_l[lo:hi], atol=1e-4, rtol=1e-5)
+
+
+def _block_path_nonfinite_worker(rank, world, init_file, out_dir):
+    """One prompt of 12 rollouts x 50 tokens over 3 ranks (the plan cuts it into query blocks, so the
+    block path computes it): a NaN hidden state of a key, then the same NaN in a masked-out key."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    log = []
+    try:
+        gen = torch.Generator().manual_seed(20)
+        rollouts, length, d = 12, 50, 16
+        n = rollouts * length
+        hidden = torch.randn(n, d, generator=gen)
+        returns = torch.randn(rollouts, generator=gen).repeat_interleave(length)
+        rollout_ids = torch.arange(rollouts).repeat_interleave(length)
+        group_ids = torch.zeros(n, dtype=torch.int64)
+        offsets = torch.tensor([0, n])
+        mine = torch.arange(rank, n, world)
+        for masked in (False, True):
+            bad = 7 * length + 3
+            poisoned = hidden.clone()
+            poisoned[bad, 5] = float("nan")
+            key_mask = torch.ones(n, dtype=torch.bool)
+            key_mask[bad] = not masked
+            want = sk.hista_values(poisoned, returns, rollout_ids, offsets, key_mask=key_mask, backend="reference")
+            out = skd.hista_values(poisoned[mine], returns[mine], rollout_ids[mine], group_ids[mine],
+                                   key_mask=key_mask[mine], backend="reference")
+            assert torch.equal(torch.isnan(out.values), torch.isnan(want.values[mine])), (
+                masked, int(torch.isnan(out.values).sum()), int(torch.isnan(want.values[mine]).sum()))
+            torch.testing.assert_close(out.values, want.values[mine], atol=1e-5, rtol=0, equal_nan=True)
+            torch.testing.assert_close(out.lse, want.lse[mine], atol=1e-4, rtol=1e-5, equal_nan=True)
+            log.append(f"masked={masked} nan={int(torch.isnan(out.values).sum())}")
+    except BaseException:
+        import traceback
+        log.append("FAILED " + traceback.format_exc())
+        raise
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(log, f)
+        dist.destroy_process_group()
+
+
+def test_block_path_keeps_the_nonfinite_and_masked_key_rules(tmp_path):
+    """Issue 20 item 1: the distributed block path had its own copy of the block loop, without the
+    reference's rules (a NaN key gave finite values; a NaN in a masked key changed every value)."""
+    world = 3
+    try:
+        mp.spawn(_block_path_nonfinite_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
+                 join=True)
+    except Exception:
+        failures = [line for rank in range(world) if (tmp_path / f"rank{rank}.json").exists()
+                    for line in json.loads((tmp_path / f"rank{rank}.json").read_text()) if line.startswith("FAILED")]
+        pytest.fail("\n\n".join(failures) or "a rank died without a log")
+    for rank in range(world):
+        assert len(json.loads((tmp_path / f"rank{rank}.json").read_text())) == 2

@@ -134,3 +134,22 @@ def test_nonfinite_inputs_poison_exactly_their_dependents(seed, poison, gamma, l
     clean, poisoned, bad = gae_poison_case(poison)
     out = sk.gae(*poisoned, gamma=gamma, lam=lam, backend=backend)
     check_gae_nonfinite(out, clean, bad, gamma, lam, poison)
+
+
+def float64_critic_case(length, batch=2):
+    """Outcome rewards of magnitude 1e3 and float64 values of a good critic (returns-to-go + 1e-3 noise):
+    advantages are small, so the §3 bound is tight while |values| ~ 1e3."""
+    mask = right_padded_mask(batch, length)
+    mask[:, : length // 2] = True
+    rewards = torch.zeros(batch, length)
+    last = length - 1 - torch.argmax(mask.flip(1).to(torch.int8), dim=1)
+    rewards[torch.arange(batch), last] = 1e3 + torch.rand(batch) * 100
+    values = rewards.double().flip(1).cumsum(1).flip(1) + 1e-3 * torch.randn(batch, length, dtype=torch.float64)
+    return rewards, values, mask
+
+
+def test_float64_values_telescope(seed, backend):
+    """Issue 20 item 3: float64 values of magnitude 1e3, T=4096, gamma=lam=1. delta must use v[t] and
+    v[t+1] at the same precision; v[t] in float64 with v[t+1] rounded to float32 missed the bound 16x."""
+    rewards, values, mask = float64_critic_case(4096)
+    check(rewards, values, mask, 1.0, 1.0, backend=backend)

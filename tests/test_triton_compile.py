@@ -86,11 +86,17 @@ def test_helper_kernels_compile():
                            dict(COSINE=True, HAS_MASK=True, HAS_BIAS=True, BLOCK_R=32, BLOCK_D=block_d), 4)
         compile_kernel(ht._combine_kernel, arch, {}, dict(empty_value="fp32"), dict(BLOCK=1024), 4)
         compile_kernel(ht._combine_kernel, arch, {}, dict(empty_value="fp32"), dict(BLOCK=1024, N=1, num_splits=1), 4)
-        compile_kernel(gt._gae_kernel, arch, {}, dict(gamma_hi="fp32", gamma_lo="fp32", gamma_lam="fp32"), dict(BLOCK_T=16, T=1), 4)
+        compile_kernel(gt._gae_kernel, arch, {}, dict(gamma_hi="fp32", gamma_lo="fp32", gamma_lam="fp32"), dict(BLOCK_T=16, T=1, NEXT_DTYPE=triton.language.float32), 4)
         for block_t, warps in ((1024, 4), (2048, 8)):
             kernel = compile_kernel(gt._gae_kernel, arch, dict(rewards_ptr="*bf16", mask_ptr="*u8"),
-                                    dict(gamma_hi="fp32", gamma_lo="fp32", gamma_lam="fp32"), dict(BLOCK_T=block_t), warps)
+                                    dict(gamma_hi="fp32", gamma_lo="fp32", gamma_lam="fp32"),
+                                    dict(BLOCK_T=block_t, NEXT_DTYPE=triton.language.float32), warps)
             assert spilled_bytes(kernel) == 0
+        # float64 values: nextv is scanned in float64 (issue 20 item 3)
+        kernel = compile_kernel(gt._gae_kernel, arch, dict(values_ptr="*fp64", mask_ptr="*u8"),
+                                dict(gamma_hi="fp32", gamma_lo="fp32", gamma_lam="fp32"),
+                                dict(BLOCK_T=2048, NEXT_DTYPE=triton.language.float64), 8)
+        assert spilled_bytes(kernel) == 0
 
 
 @pytest.mark.parametrize("arch", [80, 90])

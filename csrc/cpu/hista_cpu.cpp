@@ -90,10 +90,22 @@ Stats row_block(const Inputs& in, int64_t i, int64_t k0, int64_t count, float* r
   const int64_t* rids = in.rollout + k0;
   float block_max = -INFINITY;
   bool any = false, nan = false;
+  // Returns of the keys in K(i), 0 elsewhere: a non-key's weight is 0, and 0 * a NaN return (the
+  // query's own rollout, a masked key) must not poison the row (the fuzzer found it: tests/test_fuzz.py).
+  thread_local std::vector<float> key_returns;
+  if (static_cast<int64_t>(key_returns.size()) < count) key_returns.resize(static_cast<size_t>(count));
+  float* kr = key_returns.data();
   for (int64_t j = 0; j < count; ++j) {
     const bool usable = rids[j] != rid && add[j] != -INFINITY;
-    const float s = usable ? row[j] * qs * ks[j] + add[j] : -INFINITY;
+    // Key scale first: |<h_i,h_j>| / |h_j| stays near |h_i|, so the product with 1/temperature cannot
+    // overflow for a cosine logit. A -inf before the key term can only come from a non-finite hidden
+    // state (cosine logits are bounded, dot logits overflow to +inf): NaN, never a silent zero weight
+    // (docs/DESIGN.md "NaN and inf"; the fuzzer found it: dot, D=1, one +inf hidden state).
+    float raw = row[j] * ks[j] * qs;
+    if (raw == -INFINITY) raw = NAN;
+    const float s = usable ? raw + add[j] : -INFINITY;
     row[j] = s;
+    kr[j] = usable ? in.returns[k0 + j] : 0.0f;
     block_max = s > block_max ? s : block_max;
     any |= usable;
     nan |= s != s;
@@ -104,7 +116,7 @@ Stats row_block(const Inputs& in, int64_t i, int64_t k0, int64_t count, float* r
   out.max = nan ? NAN : block_max;
   for (int64_t j = 0; j < count; ++j) row[j] = exp_nonpositive(row[j] - out.max);
   float dsum[kAcc] = {}, nsum[kAcc] = {};
-  const float* r = in.returns + k0;
+  const float* r = kr;
   int64_t j = 0;
   for (; j + kAcc <= count; j += kAcc) {
     for (int k = 0; k < kAcc; ++k) {

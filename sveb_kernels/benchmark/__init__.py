@@ -18,7 +18,9 @@ def add_parser(commands) -> None:
     p = commands.add_parser("bench", help="time every op x backend against the baselines; table, JSON, CSV, plot")
     p.add_argument("--quick", action="store_true", help="small sizes: within a minute on a 2-core CPU")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--ops", default="hista,gae,numca", help="comma-separated subset of: hista, gae, numca")
+    p.add_argument("--ops", default="hista,gae,numca",
+                   help="comma-separated subset of: hista, hista_backward (forward + backward vs dense autograd), "
+                        "gae, numca")
     p.add_argument("--sizes", default=None,
                    help="Hista tokens per group, comma-separated, e.g. 4096,16384 (the table and plot show the "
                         "batch's total tokens: groups x tokens per group, rollout lengths drawn around the mean)")
@@ -65,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         threads_why = ""
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
-    unknown = set(ops) - {"hista", "gae", "numca"}
+    unknown = set(ops) - {"hista", "hista_backward", "gae", "numca"}
     if unknown:
         print(f"sveb-kernels bench: unknown --ops {sorted(unknown)}", file=sys.stderr)
         return 2

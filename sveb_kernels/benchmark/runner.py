@@ -38,7 +38,7 @@ class Row:
 class Config:
     device: torch.device
     quick: bool = False
-    ops: tuple[str, ...] = ("hista", "gae", "numca")
+    ops: tuple[str, ...] = ("hista", "hista_backward", "gae", "numca")
     hista_tokens: tuple[int, ...] = ()
     hidden_size: int = 0
     rollouts: int = 8
@@ -193,6 +193,18 @@ def _hista_case(config: Config, dtype: torch.dtype, ceilings: dict, tokens: int)
                  row_fields=dict(tokens_per_group=tokens, total_tokens=int(case.hidden.shape[0])))
 
 
+def _hista_backward_case(config: Config, dtype: torch.dtype, ceilings: dict, backends: list[str], tokens: int) -> _Case:
+    from . import backward
+
+    case = cases.hista_case(config.groups, config.rollouts, tokens, config.hidden_size, dtype, config.device)
+    expected, compare, variants = backward.variants(case, 0.1, "cosine", config.device, backends)
+    calls = {impl: fn for impl, fn, _ in variants}
+    # forward (1 GEMM) + backward (3 GEMMs: scores again, dX as queries, dX as keys)
+    work = _Work(4 * case.flops, "TFLOP/s", 1e12, ceilings["matmul_flops_per_s"])
+    return _Case(case.label, calls.__getitem__, expected, compare, work,
+                 row_fields=dict(tokens_per_group=tokens, total_tokens=int(case.hidden.shape[0])))
+
+
 def _gae_case(config: Config, ceilings: dict) -> _Case:
     batch, length = config.gae_shape
     case = cases.gae_case(batch, length, config.device)
@@ -293,6 +305,12 @@ def _plan(config: Config, dtype: torch.dtype, ceilings: dict) -> list[_Group]:
         flex = ["FlexAttention"] if config.device.type == "cuda" and config.hidden_size <= 256 else []
         impls = ["naive PyTorch", *flex, *backends["hista_values"]]
         groups += [_Group("hista_values", impls, functools.partial(_hista_case, config, dtype, ceilings, tokens))
+                   for tokens in config.hista_tokens]
+    if "hista_backward" in config.ops:
+        backward_backends = list(backends.get("hista_values_backward", []))
+        impls = ["dense autograd", *(f"{b} fused bwd" for b in backward_backends)]
+        groups += [_Group("hista fwd+bwd", impls,
+                          functools.partial(_hista_backward_case, config, dtype, ceilings, backward_backends, tokens))
                    for tokens in config.hista_tokens]
     if "gae" in config.ops:
         groups.append(_Group("gae", ["per-token loop", *backends["gae"]],

@@ -20,45 +20,27 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks
-from ..hista import SIMILARITIES, HistaOutput
+from ..hista import SIMILARITIES, HistaOutput, check_arguments
 from ..hista import hista_values as _hista_values
+from ..hista import reference as _hista_reference
 from . import _comm, _plan
 
 OP = "sveb_kernels.distributed.hista_values"
 _DTYPES = _checks.FLOAT_DTYPES
-_ID_DTYPES = _checks.INT_DTYPES
 # Per-token fields after the hidden bytes: rollout id (int64), return, key bias, key mask (float32), pad.
 _TRAILER_BYTES = 24
-_EPS = 1e-6
 _TILE_ELEMENTS = 1 << 22
 _COPY_ROWS = 1 << 14
 
 
 def _check_local(hidden, returns, rollout_ids, group_ids, temperature, similarity, key_mask, key_bias,
                  empty_value, backend, validate):
-    _checks.tensor("hidden", hidden, ndim=2, dtypes=_DTYPES)
-    n, d = hidden.shape
-    device = hidden.device
-    if d < 1:
-        raise ValueError(f"hidden must have D >= 1 columns, got shape {tuple(hidden.shape)}")
-    _checks.tensor("returns", returns, dtypes=_DTYPES, shape=(n,), device=device)
-    _checks.tensor("rollout_ids", rollout_ids, dtypes=_ID_DTYPES, shape=(n,), device=device)
-    _checks.tensor("group_ids", group_ids, dtypes=_ID_DTYPES, shape=(n,), device=device)
-    temperature = _checks.finite_float("temperature", temperature, low=0.0, low_open=True)
-    if 1.0 / temperature > torch.finfo(torch.float32).max:
-        raise ValueError(f"temperature must be at least {1 / torch.finfo(torch.float32).max:.3g}, got {temperature}")
-    _checks.choice("similarity", similarity, SIMILARITIES)
-    if key_mask is not None:
-        _checks.tensor("key_mask", key_mask, dtypes=(torch.bool,), shape=(n,), device=device)
-    if key_bias is not None:
-        _checks.tensor("key_bias", key_bias, dtypes=_DTYPES, shape=(n,), device=device)
-    empty_value = _checks.real("empty_value", empty_value)
-    if _checks.validate_requested(validate):
-        _checks.all_finite("hidden", hidden)
-        _checks.all_finite("returns", returns)
-        if key_bias is not None and bool((torch.isnan(key_bias) | (key_bias == float("inf"))).any()):
-            raise ValueError("key_bias contains NaN or +inf")
-    _backend.resolve("hista_values", backend, device)
+    # Hista's own checks live once, in sveb_kernels.hista.check_arguments; only group_ids is ours.
+    temperature, empty_value = check_arguments(hidden, returns, rollout_ids, temperature=temperature,
+                                               similarity=similarity, key_mask=key_mask, key_bias=key_bias,
+                                               empty_value=empty_value, validate=validate)
+    _checks.tensor("group_ids", group_ids, dtypes=_checks.INT_DTYPES, shape=(hidden.shape[0],), device=hidden.device)
+    _backend.resolve("hista_values", backend, hidden.device)
     return temperature, empty_value
 
 
@@ -71,63 +53,14 @@ def _segments(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + np.repeat(starts - seg_begin, lengths)
 
 
-_half_mm = {"ok": True}
-
-
-def _products(queries: Tensor, keys: Tensor) -> Tensor:
-    """queries @ keys.T with fp32 accumulation and output: bf16/fp16 on tensor cores where torch has the
-    fp32-output matmul (CUDA), else through fp32 copies (TF32 stays as the user set it, off by default)."""
-    if queries.is_cuda and queries.dtype in (torch.bfloat16, torch.float16) and _half_mm["ok"]:
-        try:
-            return torch.mm(queries, keys.T, out_dtype=torch.float32)
-        except (NotImplementedError, RuntimeError, TypeError):
-            _half_mm["ok"] = False
-    return queries.to(torch.float32) @ keys.to(torch.float32).T
-
-
 def _attend(q_hidden, q_rollout, k_hidden, k_rollout, k_returns, k_add, temperature, similarity, empty_value):
-    """Hista of the queries q against the keys k of one group (the block path): tiled online softmax,
-    products accumulated in fp32, O(tile) extra memory. Returns (values, lse) of the queries."""
-    device = q_hidden.device
-    nq, nk = q_hidden.shape[0], k_hidden.shape[0]
-    values = torch.full((nq,), float(empty_value), dtype=torch.float32, device=device)
-    lse = torch.full((nq,), float("-inf"), dtype=torch.float32, device=device)
-    if nq == 0 or nk == 0:
-        return values, lse
-    if q_hidden.dtype == torch.float64:
-        q_hidden, k_hidden = q_hidden.to(torch.float32), k_hidden.to(torch.float32)
-    # Scales (cosine norms, 1/temperature) multiply the fp32 products, as in the kernels.
-    q_scale = torch.full((nq,), 1.0 / temperature, dtype=torch.float32, device=device)
-    k_scale = None
-    if similarity == "cosine":
-        q_scale = q_scale / torch.linalg.vector_norm(q_hidden, dim=1, dtype=torch.float32).clamp_min(_EPS)
-        k_scale = 1.0 / torch.linalg.vector_norm(k_hidden, dim=1, dtype=torch.float32).clamp_min(_EPS)
-    q_tile = max(1, min(nq, int(_TILE_ELEMENTS ** 0.5)))
-    for q0 in range(0, nq, q_tile):
-        q1 = min(q0 + q_tile, nq)
-        k_tile = max(1, _TILE_ELEMENTS // (q1 - q0))
-        row_max = torch.full((q1 - q0,), float("-inf"), dtype=torch.float32, device=device)
-        denom = torch.zeros(q1 - q0, dtype=torch.float32, device=device)
-        numer = torch.zeros(q1 - q0, dtype=torch.float32, device=device)
-        for k0 in range(0, nk, k_tile):
-            k1 = min(k0 + k_tile, nk)
-            scores = _products(q_hidden[q0:q1], k_hidden[k0:k1]) * q_scale[q0:q1, None]
-            if k_scale is not None:
-                scores *= k_scale[None, k0:k1]
-            scores += k_add[k0:k1]
-            scores.masked_fill_(q_rollout[q0:q1, None] == k_rollout[None, k0:k1], float("-inf"))
-            new_max = torch.maximum(row_max, scores.amax(dim=1))
-            shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-            weights = torch.exp(scores - shift[:, None])
-            rescale = torch.exp(row_max - shift)
-            denom = denom * rescale + weights.sum(dim=1)
-            numer = numer * rescale + weights @ k_returns[k0:k1]
-            row_max = new_max
-        has = denom > 0
-        safe = torch.where(has, denom, torch.ones_like(denom))
-        values[q0:q1] = torch.where(has, numer / safe, values[q0:q1])
-        lse[q0:q1] = torch.where(has, row_max + torch.log(safe), lse[q0:q1])
-    return values, lse
+    """Hista of the queries q against the keys k of one group (the block path): the reference's block
+    computation (`sveb_kernels.hista.reference.attend`, the one home of the scores, the non-finite and
+    masked-key rules, the online softmax and empty rows). Returns (values, lse) of the queries."""
+    q_scale, _ = _hista_reference.token_scales(q_hidden, temperature, similarity)
+    k_scale = _hista_reference.token_scales(k_hidden, 1.0, similarity)[1]
+    return _hista_reference.attend(q_hidden, q_scale, q_rollout, k_hidden, k_scale, k_rollout, k_returns, k_add,
+                                   empty_value, tile_elements=_TILE_ELEMENTS)
 
 
 def hista_values(
@@ -321,7 +254,7 @@ def _compute_owned(received, hidden_bytes, row_bytes, dim, dtype, plan, mine, it
                             key_bias=key_bias[:end_whole], empty_value=empty_value, backend=backend, validate=False)
         out[:end_whole, 0], out[:end_whole, 1] = res.values, res.lse
     pos_sorted = pos_of_row[perm_np]
-    key_add = key_bias.masked_fill(~key_mask, float("-inf"))
+    key_add = _hista_reference.key_terms(len(key_bias), key_bias, key_mask, device)
     for s in range(num_whole, len(mine)):
         a, b = int(offsets[s]), int(offsets[s + 1])
         item = mine[rank_of_item[s]]

@@ -13,8 +13,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .. import _backend, _checks
-from ..numca import MATCHES, NumericSpans, _as_bool_mask, _as_spans, _scans
+from .. import _backend
+from ..numca import MATCHES, NumericSpans, check_values_arguments
 from ..numca import numca_values as _numca_values
 from . import _comm
 
@@ -51,19 +51,10 @@ def numca_values(
     comm = _comm.device(group)
     error = None
     try:
-        end, key = _as_spans(spans)[:2]
-        _checks.tensor("spans.end", end, ndim=2, dtypes=(torch.bool,))
+        end, key, mask, leave_one_out, min_support, empty_value = check_values_arguments(
+            spans, returns, group_ids, mask, match=match, leave_one_out=leave_one_out, min_support=min_support,
+            empty_value=empty_value, validate=validate, group_name="group_ids")
         shape, device = tuple(end.shape), end.device
-        _checks.tensor("spans.key", key, dtypes=(torch.int64,), shape=shape, device=device)
-        _checks.tensor("returns", returns, dtypes=_checks.FLOAT_DTYPES, shape=(shape[0],), device=device)
-        _checks.tensor("group_ids", group_ids, dtypes=_checks.INT_DTYPES, shape=(shape[0],), device=device)
-        mask = _as_bool_mask("mask", mask, shape, device)
-        _checks.choice("match", match, MATCHES)
-        leave_one_out = _checks.flag("leave_one_out", leave_one_out)
-        min_support = _checks.integer("min_support", min_support, low=1)
-        empty_value = _checks.real("empty_value", empty_value)
-        if _scans(validate):
-            _checks.all_finite("returns", returns)
         _backend.resolve("numca_values", backend, device)
         counted = end & mask
         numbers = counted.sum(dim=1)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _checks
-from ..gae import _MASK_DTYPES
+from ..gae import check_whiten_arguments
 from . import _comm
 
 OP = "sveb_kernels.distributed.masked_whiten"
@@ -22,10 +21,7 @@ def masked_whiten(x: Tensor, mask: Tensor, *, group=None, shift_mean: bool = Tru
     comm = _comm.device(group)
     error = None
     try:
-        _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
-        _checks.tensor("mask", mask, dtypes=_MASK_DTYPES, shape=tuple(x.shape), device=x.device)
-        shift_mean = _checks.flag("shift_mean", shift_mean)
-        eps = _checks.finite_float("eps", eps, low=0.0)
+        shift_mean, eps = check_whiten_arguments(x, mask, shift_mean=shift_mean, eps=eps)
         m = mask.to(torch.float64)
         xf = x.detach().to(torch.float64)
         stats = torch.stack([m.sum(), (xf * m).sum()]).to(comm)

@@ -28,6 +28,8 @@ An estimator (`Estimator`): `name`, `fit(train_batch)` (SVEB calls it with its t
     Numca(match, leave_one_out=, min_support=, vocab=, tokenizer=)    docs/CONTRACT.md §2
     Hista(similarity, temperature, equal_rollout_weight=)             docs/CONTRACT.md §1
     LinearCritic()              a ridge value head on hidden states (needs a train split)
+    LearnedHista(dim=64)        Hista over a learned projection + temperature, trained online through
+                                the op's backward (values first, then the update: no leakage)
     CallableEstimator / as_estimator(fn)    any fn(batch) -> [B, T] Tensor or ndarray
 
 `make_estimator("numca" | "hista" | "group_mean" | "rloo" | callable | Estimator, **options)`
@@ -44,8 +46,10 @@ from .base import CallableEstimator, Estimator, as_estimator
 from .batch import HiddenFn, MissingInputError, RolloutBatch, Shard
 from .builtin import GroupMean, Hista, LeaveOneOutMean, Numca, peer_mean
 from .critic import LinearCritic
+from .learned import LearnedHista
 
-NAMED = {"group_mean": GroupMean, "rloo": LeaveOneOutMean, "numca": Numca, "hista": Hista}
+NAMED = {"group_mean": GroupMean, "rloo": LeaveOneOutMean, "numca": Numca, "hista": Hista,
+         "learned_hista": LearnedHista}
 
 
 def make_estimator(spec, **options) -> Estimator:
@@ -62,7 +66,7 @@ def make_estimator(spec, **options) -> Estimator:
 
 
 __all__ = [
-    "ADVANTAGE_MODES", "SCALINGS", "GroupScale", "group_scale", "CallableEstimator", "Estimator", "GroupMean", "HiddenFn", "Hista", "LeaveOneOutMean",
-    "LinearCritic", "MissingInputError", "NAMED", "Numca", "RolloutBatch", "Shard", "advantages_from_values",
-    "as_estimator", "make_estimator", "peer_mean",
+    "ADVANTAGE_MODES", "SCALINGS", "GroupScale", "group_scale", "CallableEstimator", "Estimator", "GroupMean",
+    "HiddenFn", "Hista", "LeaveOneOutMean", "LearnedHista", "LinearCritic", "MissingInputError", "NAMED", "Numca",
+    "RolloutBatch", "Shard", "advantages_from_values", "as_estimator", "make_estimator", "peer_mean",
 ]

@@ -86,11 +86,12 @@ class Hista(Estimator):
 
     def op_arguments(self, batch: RolloutBatch) -> dict:
         """The arguments of `hista_values` for this batch (also what the distributed version takes)."""
-        hidden = batch.hidden
+        # Values are targets (advantages R - V): no gradient may flow back into the policy's states.
+        hidden = batch.hidden.detach()
         device = hidden.device
         packing = batch.packing
         rollout_ids = packing.rollout_ids.to(device)
-        returns = batch.returns.to(device)[rollout_ids.long()]
+        returns = batch.returns.detach().to(device)[rollout_ids.long()]
         temperature = float(self.temperature)
         if self.similarity == "dot":
             mean_sq = batch.cached(("mean_sq_norm", device), lambda: _mean_sq_norm(hidden, batch.shard))

@@ -36,6 +36,23 @@ _backend.register("gae", "cpp", lambda: importlib.import_module(".cpp", __name__
 _MASK_DTYPES = (torch.bool,) + _checks.INT_DTYPES + _checks.FLOAT_DTYPES
 
 
+def check_arguments(rewards, values, mask, *, gamma, lam, validate) -> tuple[float, float]:
+    """The argument checks of gae, the one home that `gae` and the estimators (through it) call.
+    Returns the normalised (gamma, lam)."""
+    _checks.tensor("rewards", rewards, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    shape, device = tuple(rewards.shape), rewards.device
+    _checks.tensor("values", values, dtypes=_checks.FLOAT_DTYPES, shape=shape, device=device)
+    _checks.tensor("mask", mask, dtypes=_MASK_DTYPES, shape=shape, device=device)
+    gamma = _checks.finite_float("gamma", gamma, low=0.0, high=1.0)
+    lam = _checks.finite_float("lam", lam, low=0.0, high=1.0)
+    if _checks.validate_requested(validate):
+        _checks.all_finite("rewards", rewards)
+        _checks.all_finite("values", values)
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask must hold only 0 and 1")
+    return gamma, lam
+
+
 def gae(
     rewards: Tensor,
     values: Tensor,
@@ -59,20 +76,18 @@ def gae(
     Returns:
         (advantages [B, T] float32, returns [B, T] float32), returns = advantages + values; no gradient.
     """
-    _checks.tensor("rewards", rewards, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    shape, device = tuple(rewards.shape), rewards.device
-    _checks.tensor("values", values, dtypes=_checks.FLOAT_DTYPES, shape=shape, device=device)
-    _checks.tensor("mask", mask, dtypes=_MASK_DTYPES, shape=shape, device=device)
-    gamma = _checks.finite_float("gamma", gamma, low=0.0, high=1.0)
-    lam = _checks.finite_float("lam", lam, low=0.0, high=1.0)
-    if _checks.validate_requested(validate):
-        _checks.all_finite("rewards", rewards)
-        _checks.all_finite("values", values)
-        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("mask must hold only 0 and 1")
+    gamma, lam = check_arguments(rewards, values, mask, gamma=gamma, lam=lam, validate=validate)
+    device = rewards.device
     backend = _backend.resolve("gae", backend, device)
     # Detached: advantages and value targets are constants of the policy loss; the op has no gradient.
     return _ops.gae(rewards.detach(), values.detach(), mask, gamma, lam, backend)
+
+
+def check_whiten_arguments(x, mask, *, shift_mean, eps) -> tuple[bool, float]:
+    """The argument checks of masked_whiten, the one home of it and `distributed.masked_whiten`."""
+    _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("mask", mask, dtypes=_MASK_DTYPES, shape=tuple(x.shape), device=x.device)
+    return _checks.flag("shift_mean", shift_mean), _checks.finite_float("eps", eps, low=0.0)
 
 
 def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
@@ -82,8 +97,7 @@ def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: floa
 
     Raises ValueError if fewer than 2 positions are valid (the unbiased variance is undefined).
     """
-    _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
-    _checks.tensor("mask", mask, dtypes=_MASK_DTYPES, shape=tuple(x.shape), device=x.device)
+    shift_mean, eps = check_whiten_arguments(x, mask, shift_mean=shift_mean, eps=eps)
     m = mask.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     xf = x.to(m.dtype)
     count = m.sum()

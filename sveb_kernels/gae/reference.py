@@ -85,9 +85,13 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     # poison the row through 0 * NaN (docs/DESIGN.md, "GPU readiness"); the kernels do the same.
     # The value at the first valid position at or after t: x_t = (1-m_t)*x_{t+1} + m_t*v_t (exact:
     # every step copies a value or keeps one).
-    next_value_from = reverse_linear_scan_time_major(1 - m, torch.where(valid, v, 0.0))
-    next_value = torch.cat([next_value_from[1:], next_value_from.new_zeros(1, batch)])  # strictly after t
+    # float64 values: this copy scan runs in float64 too, so delta = r + gamma*v[t+1] - v[t] uses both
+    # values as given; v[t] in float64 with v[t+1] rounded to float32 no longer telescopes along the
+    # row (issue 20: magnitude-1e3 values at T=4096 missed the bound 16x).
     values64 = values.T.to(torch.float64)
+    copied = values64 if values.dtype == torch.float64 else v
+    next_value_from = reverse_linear_scan_time_major((1 - m).to(copied.dtype), torch.where(valid, copied, 0.0))
+    next_value = torch.cat([next_value_from[1:], next_value_from.new_zeros(1, batch)])  # strictly after t
     delta = rewards.T.to(torch.float64) + gamma * next_value.to(torch.float64) - values64
     b = torch.where(valid, delta, 0.0).to(torch.float32).contiguous()
     a = 1 - m * (1 - gamma * lam)

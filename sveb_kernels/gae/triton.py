@@ -40,12 +40,14 @@ def _then(a_first, b_first, a_next, b_next):
 
 @triton.jit
 def _gae_kernel(rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr, T, gamma_hi, gamma_lo, gamma_lam,
-                BLOCK_T: tl.constexpr):
+                BLOCK_T: tl.constexpr, NEXT_DTYPE: tl.constexpr = tl.float32):
     row_start = tl.program_id(0).to(tl.int64) * T
     r_row, v_row, m_row = rewards_ptr + row_start, values_ptr + row_start, mask_ptr + row_start
     back = tl.arange(0, BLOCK_T)
     is_last = back == BLOCK_T - 1
-    next_value = tl.zeros((), tl.float32)  # nextv entering the chunk from later positions
+    # nextv entering the chunk from later positions. float64 values keep it float64 (NEXT_DTYPE), so
+    # delta = r + gamma*v[t+1] - v[t] takes both values as given and telescopes along the row.
+    next_value = tl.zeros((), NEXT_DTYPE)
     carry = tl.zeros((), tl.float32)  # advantage entering the chunk from later positions
     for c in range(0, loop_bound(tl.cdiv(T, BLOCK_T))):
         t = (T - 1 - c * BLOCK_T) - back  # positions of this chunk, latest first
@@ -54,10 +56,11 @@ def _gae_kernel(rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr, T, gamma_hi
         v = tl.load(v_row + t, mask=inside, other=0.0).to(tl.float64)
         m = tl.load(m_row + t, mask=inside, other=0) != 0
         after = inside & (t + 1 < T)
-        v_after = tl.load(v_row + t + 1, mask=after, other=0.0).to(tl.float32)
+        v_after = tl.load(v_row + t + 1, mask=after, other=0.0).to(NEXT_DTYPE)
         m_after = tl.load(m_row + t + 1, mask=after, other=0) != 0
 
-        a_nv, b_nv = tl.associative_scan((tl.where(m_after, 0.0, 1.0), tl.where(m_after, v_after, 0.0)), 0, _then)
+        a_nv, b_nv = tl.associative_scan((tl.where(m_after, 0.0, 1.0).to(NEXT_DTYPE),
+                                          tl.where(m_after, v_after, 0.0).to(NEXT_DTYPE)), 0, _then)
         nextv = a_nv * next_value + b_nv
         # float64 delta: with |v| >> |adv| a float32 one rounds at ulp(|v|) every step and the
         # errors add up along the row; gamma arrives as two float32 halves for the same reason.
@@ -93,5 +96,6 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
     # Triton launches on the current CUDA device: make it the tensors' one.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _gae_kernel[(batch,)](rewards, values, mask, advantages, returns, length, gamma_hi, gamma - gamma_hi, float(gamma * lam),
-                              BLOCK_T=block_t, num_warps=num_warps)
+                              BLOCK_T=block_t, 
+                              NEXT_DTYPE=tl.float64 if values.dtype == torch.float64 else tl.float32, num_warps=num_warps)
     return advantages, returns

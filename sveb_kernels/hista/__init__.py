@@ -37,6 +37,69 @@ _backend.register("hista_values", "reference", lambda: _reference.hista_values)
 _backend.register("hista_values", "triton", lambda: importlib.import_module(".triton", __name__).hista_values)
 _backend.register("hista_values", "cuda", lambda: importlib.import_module(".cuda", __name__).hista_values)
 _backend.register("hista_values", "cpp", lambda: importlib.import_module(".cpp", __name__).hista_values)
+# The backward (docs/DESIGN.md "Hista backward"): a forward on cpp/cuda is differentiated by the
+# Triton kernel on CUDA and by the reference on CPU (`_backend.backward_backend`).
+def _checked_backward(implementation):
+    """The backward op's shape checks, before any backend indexes by them: the raw op
+    (torch.ops.sveb.hista_values_backward) may be called directly with any tensors the schema admits."""
+    def run(grad_values, grad_lse, hidden, returns, rollout_ids, group_offsets, values, lse, *options):
+        if hidden.dim() != 2:
+            raise ValueError(f"hidden must be [N, D], got shape {tuple(hidden.shape)}")
+        n = hidden.shape[0]
+        for name, t in (("grad_values", grad_values), ("grad_lse", grad_lse), ("returns", returns),
+                        ("rollout_ids", rollout_ids), ("values", values), ("lse", lse)):
+            if tuple(t.shape) != (n,):
+                raise ValueError(f"{name} must have shape [N={n}], got {tuple(t.shape)}")
+        for name, t in zip(("key_mask", "key_bias"), options[2:4]):
+            if t is not None and tuple(t.shape) != (n,):
+                raise ValueError(f"{name} must have shape [N={n}], got {tuple(t.shape)}")
+        if group_offsets.dim() != 1 or group_offsets.numel() < 1:
+            raise ValueError(f"group_offsets must be [G+1], got shape {tuple(group_offsets.shape)}")
+        return implementation(grad_values, grad_lse, hidden, returns, rollout_ids, group_offsets, values, lse,
+                              *options)
+    return run
+
+
+_backend.register("hista_values_backward", "reference", lambda: _checked_backward(_reference.hista_values_backward))
+_backend.register("hista_values_backward", "triton", lambda: _checked_backward(
+    importlib.import_module(".triton", __name__).hista_values_backward))
+
+
+# The smallest temperature admitted: 1/temperature times the largest cosine factor 1/eps (1e6) must
+# stay below the float32 maximum with room for rounding, so no cosine logit overflows to inf
+# (docs/DESIGN.md, "Temperature range"). 1e-30 is far below any useful temperature.
+MIN_TEMPERATURE = 1e-30
+
+
+def check_arguments(hidden, returns, rollout_ids, *, temperature, similarity, key_mask, key_bias, empty_value,
+                    validate) -> tuple[float, float]:
+    """The argument checks of Hista, the one home that `hista_values`, `distributed.hista_values` and
+    the estimators (through them) call: metadata always, the NaN/inf scans with validation.
+    Returns the normalised (temperature, empty_value)."""
+    _checks.tensor("hidden", hidden, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    n, d = hidden.shape
+    device = hidden.device
+    if d < 1:
+        raise ValueError(f"hidden must have D >= 1 columns, got shape {tuple(hidden.shape)}")
+    _checks.tensor("returns", returns, dtypes=_checks.FLOAT_DTYPES, shape=(n,), device=device)
+    _checks.tensor("rollout_ids", rollout_ids, dtypes=(torch.int32, torch.int64), shape=(n,), device=device)
+    temperature = _checks.finite_float("temperature", temperature, low=0.0, low_open=True)
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be at least {MIN_TEMPERATURE:g} (1/temperature and the cosine norms "
+                         f"are applied in float32), got {temperature}")
+    _checks.choice("similarity", similarity, SIMILARITIES)
+    if key_mask is not None:
+        _checks.tensor("key_mask", key_mask, dtypes=(torch.bool,), shape=(n,), device=device)
+    if key_bias is not None:
+        _checks.tensor("key_bias", key_bias, dtypes=_checks.FLOAT_DTYPES, shape=(n,), device=device)
+    empty_value = _checks.real("empty_value", empty_value)
+    if _checks.validate_requested(validate):
+        _checks.all_finite("hidden", hidden)
+        _checks.all_finite("returns", returns)
+        # -inf is a legitimate zero weight (like key_mask); NaN and +inf would poison whole rows.
+        if key_bias is not None and bool((torch.isnan(key_bias) | (key_bias == float("inf"))).any()):
+            raise ValueError("key_bias contains NaN or +inf")
+    return temperature, empty_value
 
 
 def hista_values(
@@ -70,37 +133,21 @@ def hista_values(
         validate: also scan the tensors for NaN/inf (default: SVEB_VALIDATE=1).
 
     Returns:
-        HistaOutput(values [N] float32, lse [N] float32), carrying no gradient (values are targets).
+        HistaOutput(values [N] float32, lse [N] float32). Both are differentiable with respect to
+        `hidden` and `returns` (not the masks, temperature or key_bias): the backward recomputes the
+        softmax weights from `lse`, in O(N*D) memory (docs/DESIGN.md "Hista backward"). Estimators
+        that use the values as targets detach their inputs.
     """
-    _checks.tensor("hidden", hidden, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    n, d = hidden.shape
+    temperature, empty_value = check_arguments(hidden, returns, rollout_ids, temperature=temperature,
+                                               similarity=similarity, key_mask=key_mask, key_bias=key_bias,
+                                               empty_value=empty_value, validate=validate)
     device = hidden.device
-    if d < 1:
-        raise ValueError(f"hidden must have D >= 1 columns, got shape {tuple(hidden.shape)}")
-    _checks.tensor("returns", returns, dtypes=_checks.FLOAT_DTYPES, shape=(n,), device=device)
-    _checks.tensor("rollout_ids", rollout_ids, dtypes=(torch.int32, torch.int64), shape=(n,), device=device)
-    _checks.group_offsets("group_offsets", group_offsets, n, device)
-    temperature = _checks.finite_float("temperature", temperature, low=0.0, low_open=True)
-    if 1.0 / temperature > torch.finfo(torch.float32).max:
-        raise ValueError(f"temperature must be at least {1 / torch.finfo(torch.float32).max:.3g} (1/temperature is "
-                         f"applied in float32), got {temperature}")
-    _checks.choice("similarity", similarity, SIMILARITIES)
-    if key_mask is not None:
-        _checks.tensor("key_mask", key_mask, dtypes=(torch.bool,), shape=(n,), device=device)
-    if key_bias is not None:
-        _checks.tensor("key_bias", key_bias, dtypes=_checks.FLOAT_DTYPES, shape=(n,), device=device)
-    empty_value = _checks.real("empty_value", empty_value)
-    if _checks.validate_requested(validate):
-        _checks.all_finite("hidden", hidden)
-        _checks.all_finite("returns", returns)
-        # -inf is a legitimate zero weight (like key_mask); NaN and +inf would poison whole rows.
-        if key_bias is not None and bool((torch.isnan(key_bias) | (key_bias == float("inf"))).any()):
-            raise ValueError("key_bias contains NaN or +inf")
+    _checks.group_offsets("group_offsets", group_offsets, hidden.shape[0], device)
     backend = _backend.resolve("hista_values", backend, device)
-    # Detached: Hista values are regression targets, and the ops define no gradient; without this a
-    # trainer passing hidden states that require grad would get outputs whose backward raises.
+    # Differentiable in hidden and returns (docs/CONTRACT.md §1, "Autograd"); key_bias is a constant
+    # of the op, detached so that its graph is not kept alive for nothing.
     values, lse = _ops.hista_values(
-        hidden.detach(), returns.detach(), rollout_ids, group_offsets, temperature, similarity, key_mask,
+        hidden, returns, rollout_ids, group_offsets, temperature, similarity, key_mask,
         None if key_bias is None else key_bias.detach(), empty_value, backend,
     )
     return HistaOutput(values, lse)

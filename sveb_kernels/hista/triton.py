@@ -79,6 +79,7 @@ _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(math.log(2.0))
 _NEG_INF = tl.constexpr(float("-inf"))
 _NAN = tl.constexpr(float("nan"))
+_POS_INF = tl.constexpr(float("inf"))
 # Columns of the per-group schedule table (int64 [G', 5]).
 _SCHED_COLS = tl.constexpr(5)
 
@@ -393,9 +394,10 @@ def _hista_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_scale_ptr
                         else:
                             acc = tl.dot(q, tl.trans(k), acc, input_precision=DOT_PRECISION)
 
-                scores = acc * q_scale[:, None]
-                if HAS_K_SCALE:
+                scores = acc
+                if HAS_K_SCALE:  # key scale first: acc / |h_j| stays near |h_i|, so 1/temperature cannot overflow it
                     scores = scores * tl.load((k_scale_ptr + k0) + key_idx, mask=col_ok, other=0.0)[None, :]
+                scores = scores * q_scale[:, None]
                 # Before the key term, -inf can only come from a non-finite hidden state: NaN, so that it
                 # poisons the row instead of being a silent zero weight (docs/DESIGN.md, "GPU readiness").
                 scores = tl.where(scores == _NEG_INF, _NAN, scores)
@@ -460,7 +462,10 @@ def build_schedule(group_offsets: Tensor, cfg: HistaConfig, n: int) -> tuple[Ten
     Groups of fewer than 2 tokens have no keys for anyone and get no items (their rows keep the
     empty value); they sort last. Cost: O(G log G) on the device, a few small kernels.
     """
-    offsets = group_offsets.detach().to(torch.int64)
+    # The raw op skips the host checks (torch.compile, graph capture, torch.ops.sveb.hista_values):
+    # offsets outside [0, N] or out of order are made a valid table on the device, so every index the
+    # kernels derive stays inside the buffers (docs/DESIGN.md "Memory safety without checks").
+    offsets = torch.cummax(group_offsets.detach().to(torch.int64).clamp(0, n), dim=0).values
     num_groups = offsets.numel() - 1
     starts, lengths = offsets[:-1], offsets.diff()
     lengths = torch.where(lengths > 1, lengths, 0)
@@ -577,3 +582,214 @@ def _launch(hidden, returns, rollout_ids, group_offsets, temperature, similarity
         _combine_kernel[(triton.cdiv(n, block),)](part_m, part_l, part_a, values, lse, n, max_splits,
                                                   float(empty_value), BLOCK=block, num_warps=4)
     return values, lse
+
+
+# ---- backward ----------------------------------------------------------------------------------------
+# docs/DESIGN.md "Hista backward". With c_i the key scale (1/max(|h_i|, eps) for cosine, 1 for dot),
+# s_ij = c_i c_j <h_i, h_j> / T + b_j, p_ij = exp(s_ij - lse_i) and, for a loss L with gV = dL/dvalues,
+# gL = dL/dlse:   w_ij = dL/ds_ij = p_ij (gV_i (r_j - V_i) + gL_i) on K(i), 0 elsewhere;
+#                 dL/dr_j = sum_i gV_i p_ij;
+#                 X_i = sum_j w_ij c_j h_j  +  sum_k w_ki c_k h_k   (i as a query, i as a key);
+#                 dL/dh_i = (c_i/T) (X_i - [|h_i| > eps] c_i^2 h_i <h_i, X_i>)   (cosine; dot: X_i / T).
+# Two launches of one kernel, flash-attention-backward style: each program owns a tile of rows of one
+# group (so it writes its rows of X and dL/dr without atomics: deterministic) and walks the group's
+# other tiles; per pair it recomputes the score tile (GEMM, K-loop over D) and p from the saved lse,
+# forms w in registers and adds w @ H_other to its rows of the fp32 X, one D chunk at a time (the
+# second GEMM). Pass 0 owns query rows (the first sum), pass 1 owns key rows (the second sum and
+# dL/dr). Memory: X (N*D fp32) and O(N) row terms; never [N, N].
+
+
+@dataclass(frozen=True)
+class HistaBackwardConfig:
+    """Tile shape of the backward kernel: the second GEMM's [BLOCK_M, BLOCK_D] output and the score
+    tile are live together, hence smaller tiles than the forward's."""
+
+    block_m: int = 64
+    block_n: int = 64
+    block_d: int = 32
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+# Chosen as the largest tiles whose compiled kernel does not spill on sm80 and sm90 (checked ahead of
+# time by tests/test_triton_backward_compile.py): 64x64 score tiles, BLOCK_D 32, 8 warps, 2 stages for
+# bf16/fp16 (BLOCK_D 64 spills 8 B for fp16 on sm90 with 2 stages); fp32's 3xTF32 dots need three
+# times the operand registers, so 64x32x32. Not yet timed on a GPU.
+BACKWARD_CONFIG = HistaBackwardConfig()
+BACKWARD_CONFIG_FP32 = HistaBackwardConfig(block_m=64, block_n=32, block_d=32, num_warps=8, num_stages=2)
+
+
+def backward_config_for(dtype: torch.dtype) -> HistaBackwardConfig:
+    return BACKWARD_CONFIG_FP32 if dtype in (torch.float32, torch.float64) else BACKWARD_CONFIG
+
+
+@triton.jit
+def _hista_backward_kernel(hidden_ptr, returns_ptr, rollout_ptr, q_scale_ptr, k_scale_ptr, k_add_ptr,
+                           values_ptr, lse_ptr, grad_values_ptr, grad_lse_ptr,
+                           schedule_ptr, num_sched_groups, search_steps,
+                           x_ptr, grad_returns_ptr, N, D,
+                           KEY_SIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_D: tl.constexpr, HAS_K_SCALE: tl.constexpr, HAS_K_ADD: tl.constexpr,
+                           UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    total_items = tl.load(schedule_ptr + num_sched_groups * _SCHED_COLS + 2)
+    for item in range(loop_bound(tl.program_id(0).to(tl.int64)), loop_bound(total_items),
+                      loop_bound(tl.num_programs(0).to(tl.int64))):
+        lo = 0
+        hi = num_sched_groups - 1
+        for _ in range(loop_bound(search_steps)):
+            mid = (lo + hi + 1) // 2
+            right = tl.load(schedule_ptr + mid * _SCHED_COLS + 2) <= item
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid - 1)
+        entry = schedule_ptr + lo * _SCHED_COLS
+        g_start = tl.load(entry)
+        g_end = g_start + tl.load(entry + 1)
+        a_start = g_start + (item - tl.load(entry + 2)) * BLOCK_M
+        rows_a = a_start + tl.arange(0, BLOCK_M)
+        a_ok = rows_a < g_end
+        d_offs = tl.arange(0, BLOCK_D)
+        rollout_a = tl.load(rollout_ptr + rows_a, mask=a_ok, other=0)
+        q_scale_a = tl.load(q_scale_ptr + rows_a, mask=a_ok, other=0.0)
+        if HAS_K_SCALE:
+            k_scale_a = tl.load(k_scale_ptr + rows_a, mask=a_ok, other=0.0)
+        if HAS_K_ADD:
+            k_add_a = tl.load(k_add_ptr + rows_a, mask=a_ok, other=_NEG_INF)
+        lse_a = tl.load(lse_ptr + rows_a, mask=a_ok, other=0.0)
+        lse_a = tl.where(lse_a == _NEG_INF, 0.0, lse_a * _LOG2E)  # rows without keys use no entry
+        values_a = tl.load(values_ptr + rows_a, mask=a_ok, other=0.0)
+        grad_values_a = tl.load(grad_values_ptr + rows_a, mask=a_ok, other=0.0)
+        grad_lse_a = tl.load(grad_lse_ptr + rows_a, mask=a_ok, other=0.0)
+        returns_a = tl.load(returns_ptr + rows_a, mask=a_ok, other=0.0)
+        grad_returns_a = tl.zeros((BLOCK_M,), tl.float32)
+        a_ptrs = (hidden_ptr + a_start * D) + (tl.arange(0, BLOCK_M)[:, None] * D + d_offs[None, :])
+        x_ptrs = (x_ptr + a_start * D) + (tl.arange(0, BLOCK_M)[:, None] * D + d_offs[None, :])
+
+        for b0 in range(loop_bound(g_start), loop_bound(g_end), BLOCK_N):
+            rows_b = b0 + tl.arange(0, BLOCK_N)
+            b_ok = rows_b < g_end
+            rollout_b = tl.load(rollout_ptr + rows_b, mask=b_ok, other=0)
+            usable = a_ok[:, None] & b_ok[None, :] & (rollout_a[:, None] != rollout_b[None, :])
+            if HAS_K_ADD:
+                if KEY_SIDE:
+                    usable = usable & (k_add_a != _NEG_INF)[:, None]
+                else:
+                    k_add_b = tl.load(k_add_ptr + rows_b, mask=b_ok, other=_NEG_INF)
+                    usable = usable & (k_add_b != _NEG_INF)[None, :]
+            # Tiles with no pair in K (the own rollout's tiles, masked keys) cost nothing.
+            if tl.max(usable.to(tl.int32)) > 0:
+                b_ptrs = (hidden_ptr + b0 * D) + (tl.arange(0, BLOCK_N)[:, None] * D + d_offs[None, :])
+                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                for d0 in range(0, loop_bound(D), BLOCK_D):
+                    d_ok = (d0 + d_offs) < D
+                    a = tl.load(a_ptrs + d0, mask=a_ok[:, None] & d_ok[None, :], other=0.0)
+                    b = tl.load(b_ptrs + d0, mask=b_ok[:, None] & d_ok[None, :], other=0.0)
+                    if UPCAST_DOT:
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+                # The forward's logits, in base 2 (the row terms of `_row_terms_kernel`).
+                if KEY_SIDE:  # a = keys, b = queries
+                    q_scale_b = tl.load(q_scale_ptr + rows_b, mask=b_ok, other=0.0)
+                    # The forward's order: key scale first, so 1/temperature cannot overflow the product.
+                    scores = acc
+                    if HAS_K_SCALE:
+                        scores = scores * k_scale_a[:, None]
+                    scores = scores * q_scale_b[None, :]
+                    scores = tl.where(scores == _NEG_INF, _NAN, scores)
+                    if HAS_K_ADD:
+                        scores = scores + k_add_a[:, None]
+                    lse_b = tl.load(lse_ptr + rows_b, mask=b_ok, other=0.0)
+                    lse_b = tl.where(lse_b == _NEG_INF, 0.0, lse_b * _LOG2E)
+                    p = tl.where(usable, tl.exp2(scores - lse_b[None, :]), 0.0)
+                    grad_values_b = tl.load(grad_values_ptr + rows_b, mask=b_ok, other=0.0)
+                    values_b = tl.load(values_ptr + rows_b, mask=b_ok, other=0.0)
+                    grad_lse_b = tl.load(grad_lse_ptr + rows_b, mask=b_ok, other=0.0)
+                    coef = grad_values_b[None, :] * (returns_a[:, None] - values_b[None, :]) + grad_lse_b[None, :]
+                    grad_returns_a += tl.sum(tl.where(usable, p * grad_values_b[None, :], 0.0), axis=1)
+                else:  # a = queries, b = keys
+                    scores = acc
+                    if HAS_K_SCALE:
+                        scores = scores * tl.load(k_scale_ptr + rows_b, mask=b_ok, other=0.0)[None, :]
+                    scores = scores * q_scale_a[:, None]
+                    scores = tl.where(scores == _NEG_INF, _NAN, scores)
+                    if HAS_K_ADD:
+                        scores = scores + k_add_b[None, :]
+                    p = tl.where(usable, tl.exp2(scores - lse_a[:, None]), 0.0)
+                    returns_b = tl.load(returns_ptr + rows_b, mask=b_ok, other=0.0)
+                    coef = grad_values_a[:, None] * (returns_b[None, :] - values_a[:, None]) + grad_lse_a[:, None]
+                # Only pairs in K: a NaN return or weight outside it must not leak in through 0 * NaN.
+                w = tl.where(usable, p * coef, 0.0)
+                if HAS_K_SCALE:  # the other side's c_b of X's sums
+                    w = w * tl.load(k_scale_ptr + rows_b, mask=b_ok, other=0.0)[None, :]
+                if UPCAST_DOT:
+                    w_dot = w
+                else:
+                    w_dot = w.to(hidden_ptr.dtype.element_ty)
+                # Second GEMM, X[a] += w @ H[b], one D chunk at a time into the program's own rows.
+                for d0 in range(0, loop_bound(D), BLOCK_D):
+                    d_ok = (d0 + d_offs) < D
+                    b = tl.load(b_ptrs + d0, mask=b_ok[:, None] & d_ok[None, :], other=0.0)
+                    if UPCAST_DOT:
+                        b = b.to(tl.float32)
+                    # A non-finite hidden state of a row outside K enters with weight 0: not as NaN.
+                    b = tl.where((b == b) & (tl.abs(b) != _POS_INF), b, 0.0).to(b.dtype)
+                    x_mask = a_ok[:, None] & d_ok[None, :]
+                    x = tl.load(x_ptrs + d0, mask=x_mask, other=0.0)
+                    x = tl.dot(w_dot, b, x, input_precision=DOT_PRECISION)
+                    tl.store(x_ptrs + d0, x, mask=x_mask)
+        if KEY_SIDE:
+            tl.store(grad_returns_ptr + rows_a, grad_returns_a, mask=a_ok)
+
+
+def hista_values_backward(grad_values: Tensor, grad_lse: Tensor, hidden: Tensor, returns: Tensor,
+                          rollout_ids: Tensor, group_offsets: Tensor, values: Tensor, lse: Tensor,
+                          temperature: float, similarity: str, key_mask: Optional[Tensor],
+                          key_bias: Optional[Tensor], *,
+                          config: Optional[HistaBackwardConfig] = None) -> tuple[Tensor, Tensor]:
+    n, d = hidden.shape
+    device = hidden.device
+    grad_returns = torch.zeros(n, dtype=torch.float32, device=device)
+    if n == 0:
+        return torch.zeros_like(hidden), grad_returns.to(returns.dtype)
+    work = hidden.to(torch.float32) if hidden.dtype == torch.float64 else hidden
+    work = work.contiguous()
+    cfg = config or backward_config_for(hidden.dtype)
+    x = torch.zeros(n, d, dtype=torch.float32, device=device)
+    cosine = similarity == "cosine"
+    has_k_add = key_mask is not None or key_bias is not None
+    with _on_device(device):
+        q_scale = torch.empty(n, dtype=torch.float32, device=device)
+        k_scale = torch.empty(n, dtype=torch.float32, device=device) if cosine else q_scale
+        k_add = torch.empty(n, dtype=torch.float32, device=device) if has_k_add else q_scale
+        mask_arg = key_mask.contiguous().view(torch.uint8) if key_mask is not None else q_scale
+        bias_arg = key_bias.contiguous() if key_bias is not None else q_scale
+        row_block = INTERPRETER_CONFIG.row_block
+        _row_terms_kernel[(triton.cdiv(n, row_block),)](
+            work, mask_arg, bias_arg, q_scale, k_scale, k_add, n, d, LOG2E / temperature, EPS,
+            COSINE=cosine, HAS_MASK=key_mask is not None, HAS_BIAS=key_bias is not None,
+            BLOCK_R=row_block, BLOCK_D=min(256, triton.next_power_of_2(d)), num_warps=4)
+        # One item per row tile of a group (no key splits): each program owns its rows of X.
+        schedule_cfg = HistaConfig(block_m=cfg.block_m, block_n=cfg.block_n, max_splits=1)
+        table, item_bound, _ = build_schedule(group_offsets, schedule_cfg, n)
+        if item_bound > 0:
+            num_groups = table.shape[0] - 1
+            args = (work, returns.to(torch.float32).contiguous(), rollout_ids.contiguous(), q_scale, k_scale, k_add,
+                    values.to(torch.float32).contiguous(), lse.to(torch.float32).contiguous(),
+                    grad_values.to(torch.float32).contiguous(), grad_lse.to(torch.float32).contiguous(),
+                    table, num_groups, max(1, num_groups.bit_length()), x, grad_returns, n, d)
+            block_d = min(cfg.block_d, max(16, triton.next_power_of_2(d)))
+            for key_side in (False, True):
+                _hista_backward_kernel[(num_programs(item_bound, device),)](
+                    *args, KEY_SIDE=key_side, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                    HAS_K_SCALE=cosine, HAS_K_ADD=has_k_add,
+                    UPCAST_DOT=_INTERPRETED and work.dtype != torch.float32,
+                    DOT_PRECISION=_dot_precision(work.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # Chain through 1/T and the cosine normalisation (O(N*D) elementwise; see the comment above).
+    x = x / temperature
+    if cosine:
+        h = work.to(torch.float32)
+        norm = torch.linalg.vector_norm(h, dim=1)
+        inv_norm = 1.0 / norm.clamp_min(EPS)
+        radial = torch.where(norm > EPS, (h * x).sum(dim=1) * inv_norm * inv_norm, 0.0)
+        x = (x - h * radial[:, None]) * inv_norm[:, None]
+    return x.to(hidden.dtype), grad_returns.to(returns.dtype)

@@ -155,6 +155,27 @@ def numeric_spans(
     return NumericSpans(*_ops.numeric_spans(token_ids, table, mask, backend))
 
 
+def check_values_arguments(spans, returns, group_index, mask, *, match, leave_one_out, min_support, empty_value,
+                           validate, group_name: str = "group_index"):
+    """The argument checks of numca_values, the one home that `numca_values`, `distributed.numca_values`
+    and the estimators (through them) call. `group_name` is the group argument's name in the caller
+    (distributed: group_ids). Returns (end, key, bool mask, leave_one_out, min_support, empty_value)."""
+    end, key = _as_spans(spans)[:2]
+    _checks.tensor("spans.end", end, ndim=2, dtypes=(torch.bool,))
+    shape, device = tuple(end.shape), end.device
+    _checks.tensor("spans.key", key, dtypes=(torch.int64,), shape=shape, device=device)
+    _checks.tensor("returns", returns, dtypes=_checks.FLOAT_DTYPES, shape=(shape[0],), device=device)
+    _checks.tensor(group_name, group_index, dtypes=_checks.INT_DTYPES, shape=(shape[0],), device=device)
+    mask = _as_bool_mask("mask", mask, shape, device)
+    _checks.choice("match", match, MATCHES)
+    leave_one_out = _checks.flag("leave_one_out", leave_one_out)
+    min_support = _checks.integer("min_support", min_support, low=1)
+    empty_value = _checks.real("empty_value", empty_value)
+    if _scans(validate):
+        _checks.all_finite("returns", returns)
+    return end, key, mask, leave_one_out, min_support, empty_value
+
+
 def numca_values(
     spans: Union[NumericSpans, Sequence[Tensor]],
     returns: Tensor,
@@ -189,19 +210,10 @@ def numca_values(
     Returns:
         values [B, T] float32.
     """
-    end, key = _as_spans(spans)[:2]
-    _checks.tensor("spans.end", end, ndim=2, dtypes=(torch.bool,))
-    shape, device = tuple(end.shape), end.device
-    _checks.tensor("spans.key", key, dtypes=(torch.int64,), shape=shape, device=device)
-    _checks.tensor("returns", returns, dtypes=_checks.FLOAT_DTYPES, shape=(shape[0],), device=device)
-    _checks.tensor("group_index", group_index, dtypes=_checks.INT_DTYPES, shape=(shape[0],), device=device)
-    mask = _as_bool_mask("mask", mask, shape, device)
-    _checks.choice("match", match, MATCHES)
-    leave_one_out = _checks.flag("leave_one_out", leave_one_out)
-    min_support = _checks.integer("min_support", min_support, low=1)
-    empty_value = _checks.real("empty_value", empty_value)
-    if _scans(validate):
-        _checks.all_finite("returns", returns)
+    end, key, mask, leave_one_out, min_support, empty_value = check_values_arguments(
+        spans, returns, group_index, mask, match=match, leave_one_out=leave_one_out, min_support=min_support,
+        empty_value=empty_value, validate=validate)
+    device = end.device
     backend = _backend.resolve("numca_values", backend, device)
     # Detached: values are regression targets (see docs/DESIGN.md, "No gradients").
     return _ops.numca_values(end, key, returns.detach(), group_index, mask, match, leave_one_out, min_support,

@@ -16,7 +16,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: 
 
 import sveb_kernels as sk  # noqa: E402
 from oracles import gae_oracle  # noqa: E402
-from test_gae import right_padded_mask  # noqa: E402
+from test_gae import float64_critic_case, right_padded_mask  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -156,3 +156,11 @@ def test_nonfinite_inputs_poison_exactly_their_dependents(seed, poison, gamma, l
     from sveb_kernels.gae import triton as gae_triton
     out = gae_triton.gae(*[t.to(DEVICE) for t in poisoned], gamma, lam, block_t=16)  # several blocks per row
     check_gae_nonfinite(out, clean, bad, gamma, lam, poison)
+
+
+def test_float64_values_telescope(seed):
+    """Issue 20 item 3: float64 values of magnitude 1e3 at T=4096, gamma=lam=1, from a good critic (small
+    advantages, so a tight bound): nextv must stay float64 (v[t] in float64 with v[t+1] rounded to
+    float32 no longer telescopes and missed the bound 16x)."""
+    rewards, values, mask = float64_critic_case(4096)
+    check(rewards, values, mask, 1.0, 1.0)
