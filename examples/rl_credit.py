@@ -312,7 +312,7 @@ def load_or_make_warm(cfg: Config, path: str, log) -> tuple[dict, list]:
     if os.path.exists(path):
         cached = torch.load(path, weights_only=False)
         if cached["key"] == warm_key(cfg):
-            log(f"warm start: loaded {path} (held-out success {cached['history'][-1]['success']:.3f})")
+            log(f"warm start: loaded {path} (success at its last check {cached['history'][-1]['success']:.3f})")
             return cached["state"], cached["history"]
     state, history = warm_start(cfg, log)
     tmp = path + ".tmp"
@@ -500,8 +500,8 @@ def summarize(runs: list[dict], cfg: Config) -> dict:
     for a in arms:
         rs = [by[(a, s)] for s in seeds if (a, s) in by]
         steps = [x for r in rs for x in r["steps"]]
-        diag = {k: float(np.nanmean([x[k] for x in steps if k in x])) for k in steps[0] if "pearson" in k} \
-            if any("pearson" in k for k in steps[0]) else {}
+        keys = dict.fromkeys(k for x in steps for k in x if "pearson" in k)  # diagnostics run every diag_every steps
+        diag = {k: float(np.nanmean([x[k] for x in steps if k in x])) for k in keys}
         summary["arms"][a] = {
             "seeds": [r["seed"] for r in rs], "auc": [r["auc"] for r in rs],
             "held_out_success": [r["held_out_success"] for r in rs],
