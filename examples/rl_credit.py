@@ -668,6 +668,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes, 3 steps: checks plumbing")
     p.add_argument("--report-only", action="store_true", help="no training: write the report from the run files")
     p.add_argument("--warm-only", action="store_true", help="make the warm start, measure it and the Hista choice, stop")
+    p.add_argument("--score-norms", action="store_true", help="print where the score function sits in failed "
+                   "warm-start rollouts (error token vs the correct tokens before it), stop")
     for f in fields(Config):
         if f.name != "quick":
             p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
@@ -716,6 +718,35 @@ def hista_choice(cfg: Config, warm_state: dict, log, prompts: int = 32,
     return out
 
 
+@torch.no_grad()
+def score_norms(cfg: Config, warm_state: dict, log, prompts: int = 32) -> dict:
+    """Where the score function |d log pi(y_t) / d logits| = |one_hot(y_t) - pi| sits in failed
+    warm-start rollouts (the Hista-choice rollouts): on the first wrong token or on the correct
+    tokens before it. A share near 1 means sequence-level advantages already land on the error."""
+    model = build_model(cfg)
+    model.load_state_dict(warm_state)
+    pairs = draw_prompts(np.random.default_rng(555), prompts, held_out=False)
+    ids = sample(model, prompt_tokens(pairs), cfg.group, cfg.completion_len, torch.Generator().manual_seed(555))
+    correct = chain_tokens(pairs, cfg.lines).repeat_interleave(cfg.group, dim=0)
+    roll = ids[:, PROMPT_LEN:]
+    logits, _, _ = model(ids[:, :-1])
+    probs = torch.softmax(logits[:, PROMPT_LEN - 1:].double(), -1)
+    norm = (F.one_hot(roll, VOCAB).double() - probs).norm(dim=-1)
+    pi = probs.gather(-1, roll[..., None])[..., 0]
+    wrong = roll != correct
+    first_wrong = wrong & ((wrong.cumsum(1) - wrong.long()) == 0)
+    before = ~wrong & (wrong.cumsum(1) == 0) & wrong.any(1)[:, None]
+    results = before & decision_mask(cfg)[None]
+    out = {"success": float((~wrong.any(1)).double().mean()),
+           "norm_first_wrong": float(norm[first_wrong].mean()), "norm_correct_results_before": float(norm[results].mean()),
+           "norm_other_tokens_before": float(norm[before & ~results].mean()),
+           "pi_first_wrong": float(pi[first_wrong].mean()), "pi_correct_results_before": float(pi[results].mean()),
+           "share_on_error": float(norm[first_wrong].pow(2).sum()
+                                   / (norm[first_wrong].pow(2).sum() + norm[before].pow(2).sum()))}
+    log("score norms: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()))
+    return out
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     cfg = make_config(a)
@@ -739,6 +770,8 @@ def main(argv=None) -> dict:
             with open(warm_json, "w") as f:
                 json.dump(info, f, indent=1)
             log(f"warm start: held-out success {info['held_out_success']:.3f}")
+        if a.score_norms:
+            return score_norms(cfg, warm_state, log, prompts=4 if cfg.quick else 32)
         if a.warm_only:
             return {}
         arms = [x for x in a.arms.split(",") if x]

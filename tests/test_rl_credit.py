@@ -175,3 +175,12 @@ def test_quick_mode_runs_every_arm_and_reports(rc, tmp_path):
     # resumable: a second call runs nothing and reports the same
     again = rc.main(["--quick", "--out", out, "--seeds", "0,1", "--jobs", "1"])
     assert again["gains"]["oracle"]["auc"] == summary["gains"]["oracle"]["auc"]
+
+
+def test_score_norms_and_the_exploratory_arm(rc, tmp_path):
+    """--score-norms reports shares in [0, 1]; oracle_td runs only when asked and gets no verdict."""
+    out = str(tmp_path)
+    norms = rc.main(["--quick", "--out", out, "--score-norms"])
+    assert 0.0 <= norms["share_on_error"] <= 1.0 or math.isnan(norms["share_on_error"])
+    summary = rc.main(["--quick", "--out", out, "--seeds", "0", "--arms", "grpo,oracle_td"])
+    assert set(summary["arms"]) == {"grpo", "oracle_td"} and "verdict" not in summary["gains"]["oracle_td"]
