@@ -169,4 +169,4 @@ def test_embedded_task_scored_with_a_given_model(model_dir, capsys):
                  "--bootstrap", "5", "--no-progress", "--estimators", "critic,hista_cos", "--temperatures", "0.1",
                  "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result["estimators"]) == {"critic", "hista_cos_t0.1"} and result["meta"]["model"] == str(model_dir)
+    assert set(result["estimators"]) == {"rloo", "critic", "hista_cos_t0.1"} and result["meta"]["model"] == str(model_dir)

@@ -73,7 +73,7 @@ def test_build_embedded_task_then_eval(tmp_path, capsys):
                  "--estimators", "group_mean,critic,hista_cos,numca", "--temperatures", "0.1,1"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["estimators"]) | set(result["skipped"]) == {
-        "group_mean", "critic", "hista_cos_t0.1", "hista_cos_t1", "numca_last", "numca_prefix"}
+        "group_mean", "rloo", "critic", "hista_cos_t0.1", "hista_cos_t1", "numca_last", "numca_prefix"}
     assert result["meta"]["eval_groups"] == 3 and result["meta"]["train_groups"] == 3
 
 

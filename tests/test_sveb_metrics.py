@@ -33,8 +33,15 @@ def within(x, group):
     return [v - means[g] for v, g in zip(x, group)]
 
 
-def oracle_metrics(est, truth, group):
+def oracle_metrics(est, truth, group, decision=None):
     est, truth, group = list(map(float, est)), list(map(float, truth)), list(group)
+    decision_pearson = math.nan
+    if decision is not None and any(decision):
+        keep = [i for i, d in enumerate(decision) if d]
+        a = within([est[i] for i in keep], [group[i] for i in keep])
+        b = within([truth[i] for i in keep], [group[i] for i in keep])
+        sab, saa, sbb = (sum(p * q for p, q in zip(a, b)), sum(p * p for p in a), sum(q * q for q in b))
+        decision_pearson = 0.0 if saa < 1e-20 or sbb < 1e-20 else sab / math.sqrt(saa * sbb)
     n = len(est)
     a, b = within(est, group), within(truth, group)
     sab = sum(p * q for p, q in zip(a, b))
@@ -47,7 +54,13 @@ def oracle_metrics(est, truth, group):
         "spearman": pearson(midranks(est), midranks(truth)),
         "within_pearson": 0.0 if saa < 1e-20 or sbb < 1e-20 else sab / math.sqrt(saa * sbb),
         "collapse_ratio": math.sqrt(saa / sbb) if sbb > 0 else math.nan,
+        "decision_pearson": decision_pearson,
     }
+
+
+def random_decision(rng, n):
+    """A decision mask marking about a third of the states."""
+    return np.array([rng.random() < 0.35 for _ in range(n)])
 
 
 def random_states(rng, groups=7, with_ties=True):
@@ -71,16 +84,34 @@ def assert_metrics_close(got, want):
 
 @pytest.mark.parametrize("with_ties", [True, False])
 def test_point_metrics_match_oracle(seed, with_ties):
-    est, truth, group = random_states(random.Random(seed), with_ties=with_ties)
-    got = metrics.score(est, truth, group, bootstrap=0)
+    rng = random.Random(seed)
+    est, truth, group = random_states(rng, with_ties=with_ties)
+    decision = random_decision(rng, len(est))
+    got = metrics.score(est, truth, group, decision=decision, bootstrap=0)
     assert set(got) == set(metrics.METRICS)
-    assert_metrics_close(got, oracle_metrics(est, truth, group))
+    assert_metrics_close(got, oracle_metrics(est, truth, group, decision))
+    without = metrics.score(est, truth, group, bootstrap=0)  # no mask: decision_pearson undefined, the rest equal
+    assert math.isnan(without["decision_pearson"])
+    assert all(without[m] == got[m] or (math.isnan(without[m]) and math.isnan(got[m]))
+               for m in metrics.METRICS if m != "decision_pearson")
+
+
+def test_decision_pearson_is_within_pearson_of_the_decision_states(seed):
+    rng = random.Random(seed)
+    est, truth, group = random_states(rng, with_ties=False)
+    decision = random_decision(rng, len(est))
+    got = metrics.score(est, truth, group, decision=decision, bootstrap=0)["decision_pearson"]
+    sub = metrics.score(est[decision], truth[decision], group[decision], bootstrap=0)["within_pearson"]
+    assert got == pytest.approx(sub, abs=1e-12)
+    with pytest.raises(ValueError, match="decision"):
+        metrics.score(est, truth, group, decision=decision.astype(int))
 
 
 def test_bootstrap_replicate_is_the_resampled_dataset(seed):
     rng = random.Random(seed)
     est, truth, group = random_states(rng)
-    prepared = metrics._Prepared(est, truth, group)
+    decision = random_decision(rng, len(est))
+    prepared = metrics._Prepared(est, truth, group, decision)
     labels = list(prepared.groups)
     counts = metrics.resample_counts(len(labels), 5, np.random.default_rng(seed))
     assert (counts.sum(axis=1) == len(labels)).all()
@@ -88,31 +119,35 @@ def test_bootstrap_replicate_is_the_resampled_dataset(seed):
     for r in range(5):
         # The resample spelled out: each drawn group's states, copied as often as it was drawn, each
         # copy its own group (a copy is a different prompt that happens to look the same).
-        e, t, g = [], [], []
+        e, t, g, d = [], [], [], []
         for k, label in enumerate(labels):
             for copy in range(counts[r, k]):
                 sel = group == label
                 e += est[sel].tolist()
                 t += truth[sel].tolist()
+                d += decision[sel].tolist()
                 g += [(label, copy)] * int(sel.sum())
-        want = oracle_metrics(e, t, [hash(x) for x in g])
+        want = oracle_metrics(e, t, [hash(x) for x in g], d)
         assert_metrics_close({name: float(replicates[name][r]) for name in metrics.METRICS}, want)
 
 
 def test_intervals_are_seeded_and_bracket_replicates(seed):
-    est, truth, group = random_states(random.Random(seed), groups=12)
-    a = metrics.score(est, truth, group, bootstrap=300, seed=seed)
-    b = metrics.score(est, truth, group, bootstrap=300, seed=seed)
-    c = metrics.score(est, truth, group, bootstrap=300, seed=seed + 1)
+    rng = random.Random(seed)
+    est, truth, group = random_states(rng, groups=12)
+    decision = random_decision(rng, len(est))
+    decision[0] = True  # at least one decision state
+    a = metrics.score(est, truth, group, decision=decision, bootstrap=300, seed=seed)
+    b = metrics.score(est, truth, group, decision=decision, bootstrap=300, seed=seed)
+    c = metrics.score(est, truth, group, decision=decision, bootstrap=300, seed=seed + 1)
     assert a == b and a != c
     for name in metrics.METRICS:
         assert a[f"{name}_lo"] <= a[f"{name}_hi"]
     # Chunking the replicates does not change them.
-    prepared = metrics._Prepared(est, truth, group)
+    prepared = metrics._Prepared(est, truth, group, decision)
     one = metrics.bootstrap_replicates(prepared, 50, seed=seed, chunk=7)
     two = metrics.bootstrap_replicates(prepared, 50, seed=seed, chunk=50)
     for name in metrics.METRICS:
-        np.testing.assert_allclose(one[name], two[name], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(one[name], two[name], rtol=0, atol=1e-12, equal_nan=True)
 
 
 def test_constant_per_group_estimator_has_zero_within_metrics(seed):

@@ -129,7 +129,7 @@ def _run_build(args: argparse.Namespace) -> int:
 
 
 def _select_estimators(args, seed: int):
-    from .estimators import DEFAULT_TEMPERATURES, as_estimator, default_estimators, load_object
+    from .estimators import DEFAULT_TEMPERATURES, LeaveOneOutMean, as_estimator, default_estimators, load_object
 
     temperatures = DEFAULT_TEMPERATURES
     if args.temperatures:
@@ -149,6 +149,8 @@ def _select_estimators(args, seed: int):
                              "(hista_cos / hista_dot / hista / numca select a family)")
         estimators = [e for e in estimators
                       if e.name in wanted or any(e.name.startswith(w + "_") for w in wanted)]
+        if not any(e.name == "rloo" for e in estimators):  # the null row every table keeps (docs/SVEB.md)
+            estimators.insert(0, LeaveOneOutMean())
     for spec in args.estimator:
         name, sep, target = spec.partition("=")
         if not sep:

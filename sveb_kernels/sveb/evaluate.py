@@ -50,17 +50,27 @@ class EvalResult:
             lines.append(f"{name.ljust(width)}  " + "  ".join(cells))
         for name, why in self.skipped.items():
             lines.append(f"{name.ljust(width)}  skipped: {why}")
-        facts = ", ".join(f"{k}={self.meta[k]}" for k in ("eval_groups", "eval_rollouts", "eval_states", "bootstrap")
+        facts = ", ".join(f"{k}={self.meta[k]}" for k in ("eval_groups", "eval_rollouts", "eval_states",
+                                                          "decision_states", "bootstrap")
                           if k in self.meta)
         notes = ["collapse_ratio: 0 = constant within each prompt (no per-state signal), 1 = spreads within a "
-                 "prompt as much as the true values; [lo,hi] = 95% group-bootstrap interval"]
+                 "prompt as much as the true values; [lo,hi] = 95% group-bootstrap interval",
+                 "decision_pearson: within_pearson at the decision states only (before a token that changes the "
+                 "true value)"]
+        if "rloo" in self.metrics:
+            notes.append("rloo (the leave-one-out mean) is the null row: it knows nothing about states, yet its "
+                         "pooled within_pearson is negative by construction; compare leave-one-out estimators "
+                         "(Numca, Hista) with it, not with 0 (docs/SVEB.md)")
         notes += self.identical_rows_notes()
         return "\n".join(lines + ["", facts] + notes)
 
     def identical_rows_notes(self) -> list[str]:
         """Why two rows can show the same numbers (explained for Hista's cosine and dot)."""
         def same(x: dict, y: dict) -> bool:  # equal up to the last digit the table shows
-            return all(abs(x.get(m, math.nan) - y.get(m, math.nan)) <= 1.5e-3 for m in METRICS)
+            def close(a: float, b: float) -> bool:  # both undefined (e.g. no decision states) counts as equal
+                return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1.5e-3
+
+            return all(close(x.get(m, math.nan), y.get(m, math.nan)) for m in METRICS)
 
         groups: list[list[str]] = []
         for name, row in self.metrics.items():
@@ -102,6 +112,29 @@ def _finite_or_none(obj):
     return obj
 
 
+def decision_states(batch: SvebBatch) -> np.ndarray:
+    """[S] bool: the states before a token whose choice changes the true value (the state at
+    response position t - 1 when V after token t differs from V after token t - 1), where credit is
+    assigned. Exact truths count any change above 1e-9; Monte-Carlo truths a change above three
+    standard errors of the two estimates (sqrt(v (1 - v) / samples) each), so sampling noise alone
+    does not make every state a decision."""
+    row = batch.state_row.numpy()
+    pos = batch.state_position.numpy()
+    value = batch.state_value.numpy()
+    samples = batch.state_samples.numpy()
+    order = np.lexsort((pos, row))
+    decision = np.zeros(len(value), dtype=bool)
+    if len(order) < 2:
+        return decision
+    here, nxt = order[:-1], order[1:]
+    adjacent = (row[here] == row[nxt]) & (pos[nxt] == pos[here] + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var = np.where(samples > 0, value * (1 - value) / np.maximum(samples, 1), 0.0)
+    tol = np.where((samples[here] == 0) & (samples[nxt] == 0), 1e-9, 3 * np.sqrt(var[here] + var[nxt]))
+    decision[here[adjacent & (np.abs(value[nxt] - value[here]) > tol)]] = True
+    return decision
+
+
 def evaluate(dataset: Dataset, estimators: Sequence, *, tokenizer=None, hidden_fn: Optional[HiddenFn] = None,
              device: str | torch.device = "cpu", bootstrap: int = 1000, seed: int = 0,
              log: Optional[Callable[[str], None]] = None) -> EvalResult:
@@ -123,6 +156,7 @@ def evaluate(dataset: Dataset, estimators: Sequence, *, tokenizer=None, hidden_f
     train = make(train_groups) if train_groups else None
     metrics, estimates, skipped, seconds = {}, {}, {}, {}
     truth = batch.state_value.numpy()
+    decision = decision_states(batch)
     for obj in estimators:
         est = as_estimator(obj)
         if est.name in metrics:
@@ -142,12 +176,14 @@ def evaluate(dataset: Dataset, estimators: Sequence, *, tokenizer=None, hidden_f
             continue
         seconds[est.name] = round(time.perf_counter() - started, 3)
         estimates[est.name] = values
-        metrics[est.name] = score(values, truth, batch.state_group.numpy(), bootstrap=bootstrap, seed=seed)
+        metrics[est.name] = score(values, truth, batch.state_group.numpy(), decision=decision, bootstrap=bootstrap,
+                                  seed=seed)
         say(f"{est.name}: within_pearson {metrics[est.name]['within_pearson']:.3f} ({seconds[est.name]:.1f}s)")
     meta = {
         "eval_groups": batch.num_groups,
         "eval_rollouts": batch.num_rollouts,
         "eval_states": int(batch.state_value.numel()),
+        "decision_states": int(decision.sum()),
         "train_groups": 0 if train is None else train.num_groups,
         "exact_truth": bool((batch.state_samples == 0).all()),
         "bootstrap": bootstrap,

@@ -10,6 +10,17 @@ For estimates e and true values v at S states, each belonging to a group (a prom
     collapse_ratio    std(e - group mean of e) / std(v - group mean of v), population stds of the
                       within-group deviations: 0 for an estimator that is constant per prompt, 1 for
                       one that varies within a prompt as much as the truth does
+    decision_pearson  within_pearson over the *decision states* only (a `decision` mask: the states
+                      before a token whose choice changes the true value, where credit is assigned);
+                      NaN when no mask is given or no state is marked
+
+Pooled within_pearson is not a fair scale between estimator families: an estimator that leaves the
+rollout's own return out (leave-one-out mean, Numca, Hista) is *lower* exactly when the rollout
+succeeded, at every one of its states, while the truth is higher there, so it starts from a negative
+floor (the leave-one-out mean, which knows nothing about states, scores about -0.6 on the embedded
+task), and an estimator that includes the own return starts from a positive one. Score the
+leave-one-out mean as the null row next to them, and read decision_pearson, where the truth varies
+within a rollout and not only between rollouts.
 
 A correlation with a side of zero variance (a constant estimator) is reported as 0: it explains
 none of the variation. Confidence intervals resample whole groups with replacement (states of one
@@ -24,10 +35,11 @@ from typing import Optional
 
 import numpy as np
 
-METRICS = ("mse", "mae", "pearson", "spearman", "within_pearson", "collapse_ratio")
+METRICS = ("mse", "mae", "pearson", "spearman", "within_pearson", "collapse_ratio", "decision_pearson")
 # Which way is better, for the table's header.
 BETTER = {"mse": "lower is better", "mae": "lower is better", "pearson": "higher is better",
-          "spearman": "higher is better", "within_pearson": "higher is better", "collapse_ratio": "1 = varies as truth"}
+          "spearman": "higher is better", "within_pearson": "higher is better", "collapse_ratio": "1 = varies as truth",
+          "decision_pearson": "higher is better"}
 # Relative size below which a spread counts as zero (float noise of a constant estimator).
 _ZERO_SPREAD = 1e-12
 
@@ -35,7 +47,7 @@ _ZERO_SPREAD = 1e-12
 class _Prepared:
     """Everything about the states that does not depend on the bootstrap weights."""
 
-    def __init__(self, est: np.ndarray, truth: np.ndarray, group: np.ndarray):
+    def __init__(self, est: np.ndarray, truth: np.ndarray, group: np.ndarray, decision: Optional[np.ndarray] = None):
         self.est = np.asarray(est, dtype=np.float64)
         self.truth = np.asarray(truth, dtype=np.float64)
         if self.est.shape != self.truth.shape or self.est.ndim != 1:
@@ -45,6 +57,16 @@ class _Prepared:
         self.groups, self.group_of = np.unique(np.asarray(group), return_inverse=True)
         self.est_within = _centre_per_group(self.est, self.group_of, len(self.groups))
         self.truth_within = _centre_per_group(self.truth, self.group_of, len(self.groups))
+        self.decision_of = None  # indices of the decision states, and their own per-group centring
+        if decision is not None:
+            decision = np.asarray(decision)
+            if decision.shape != self.est.shape or decision.dtype != np.bool_:
+                raise ValueError(f"decision must be a bool mask of shape {self.est.shape}, "
+                                 f"got {decision.dtype} {decision.shape}")
+            self.decision_of = np.flatnonzero(decision)
+            groups_d = self.group_of[self.decision_of]
+            self.est_within_d = _centre_per_group(self.est[self.decision_of], groups_d, len(self.groups))
+            self.truth_within_d = _centre_per_group(self.truth[self.decision_of], groups_d, len(self.groups))
         self.est_rank = _RankOrder(self.est)
         self.truth_rank = _RankOrder(self.truth)
         self.scale_est = float(np.sqrt(np.mean(self.est ** 2))) if self.est.size else 0.0
@@ -124,15 +146,24 @@ def weighted_metrics(prepared: _Prepared, group_weights: np.ndarray) -> dict[str
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.sqrt(spread_est / spread_truth)
     out["collapse_ratio"] = np.where(spread_truth > 0, ratio, np.nan)
+    out["decision_pearson"] = np.full(w.shape[0], np.nan)
+    if prepared.decision_of is not None and prepared.decision_of.size:
+        wd = w[:, prepared.decision_of]
+        swd = wd.sum(axis=1)
+        drawn = swd > 0  # a resample may draw no group with a decision state
+        if drawn.any():
+            out["decision_pearson"][drawn] = _weighted_corr(
+                prepared.est_within_d[None], prepared.truth_within_d[None], wd[drawn], swd[drawn],
+                prepared.scale_est, prepared.scale_truth, centred=True)
     return out
 
 
-def score(est, truth, group, *, bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0,
+def score(est, truth, group, *, decision=None, bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0,
           chunk: Optional[int] = None) -> dict[str, float]:
-    """METRICS of `est` against `truth` ([S] each, `group` [S] the prompt of each state), plus
-    `<metric>_lo` / `<metric>_hi`: a `confidence` percentile interval from `bootstrap` group resamples
-    (no interval when bootstrap == 0)."""
-    prepared = _Prepared(est, truth, group)
+    """METRICS of `est` against `truth` ([S] each, `group` [S] the prompt of each state, `decision`
+    [S] bool the decision states or None), plus `<metric>_lo` / `<metric>_hi`: a `confidence`
+    percentile interval from `bootstrap` group resamples (no interval when bootstrap == 0)."""
+    prepared = _Prepared(est, truth, group, decision)
     num_groups = len(prepared.groups)
     if num_groups == 0:
         raise ValueError("no states to score")

@@ -1,0 +1,186 @@
+"""examples/rl_credit.py: the exact values against Monte-Carlo continuations from prefixes, the task's
+pieces, the advantage scaling, the statistics, and --quick end to end (every arm, two seeds)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+@pytest.fixture(scope="module")
+def rc():
+    import sys
+
+    sys.path.insert(0, EXAMPLES)
+    try:
+        import rl_credit
+    finally:
+        sys.path.remove(EXAMPLES)
+    return rl_credit
+
+
+@pytest.fixture(scope="module")
+def trained(rc):
+    """A small model trained on slipping demonstrations of two prompts (slip 0.3 per result), so
+    that their values lie far from 0 and 1 at every state."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = rc.Config(lines=3, width=32, layers=1, heads=2)
+        model = rc.build_model(cfg)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        rng = np.random.default_rng(0)
+        pairs = np.array([[17, 36], [5, 7]] * 32)
+        for _ in range(200):
+            ids = torch.cat([rc.prompt_tokens(pairs), rc.chain_tokens(pairs, cfg.lines,
+                                                                      rc.demo_slips(rng, len(pairs), 3, 0.3))], 1)
+            loss = -rc.completion_logprobs(model, ids)[0].mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    return cfg, model
+
+
+def test_chain_tokens_are_the_task(rc):
+    pairs = np.array([[98, 3], [0, 0]])
+    ids = rc.chain_tokens(pairs, 2)
+    assert ids[0].tolist() == [98, rc.PLUS, 3, rc.EQUALS, 1, rc.NEWLINE, 1, rc.PLUS, 3, rc.EQUALS, 4, rc.NEWLINE]
+    slipped = rc.chain_tokens(pairs, 2, np.array([[10, 0], [0, -1]]))
+    assert slipped[0, 4] == 11 and slipped[0, 6] == 11 and slipped[0, 10] == 14  # the chain goes on from the slip
+    assert slipped[1, 10] == 99  # modulo 100
+    assert rc.decision_mask(rc.Config(lines=2)).nonzero().flatten().tolist() == [4, 10]
+
+
+def test_held_out_prompts_are_never_drawn_for_training(rc):
+    rng = np.random.default_rng(0)
+    train = rc.draw_prompts(rng, 500, held_out=False)
+    held = rc.draw_prompts(rng, 50, held_out=True)
+    assert not any(rc.is_held_out(int(a), int(b)) for a, b in train)
+    assert all(rc.is_held_out(int(a), int(b)) for a, b in held)
+
+
+def test_incremental_sampling_matches_a_full_forward(rc, trained):
+    """The KV-cached decoding computes the same distribution as a full causal forward."""
+    cfg, model = trained
+    pairs = np.array([[5, 7], [42, 99]])
+    ids = torch.cat([rc.prompt_tokens(pairs), rc.chain_tokens(pairs, cfg.lines)], dim=1)
+    model.eval()
+    with torch.no_grad():
+        full, _, _ = model(ids)
+        logits, _, cache = model(ids[:, :rc.PROMPT_LEN])
+        steps = [logits[:, -1]]
+        for t in range(rc.PROMPT_LEN, ids.shape[1] - 1):
+            logits, _, cache = model(ids[:, t:t + 1], past=cache, start=t)
+            steps.append(logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, rc.PROMPT_LEN - 1:-1], atol=2e-5, rtol=1e-5)
+
+
+def test_exact_values_match_monte_carlo_continuations(rc, trained):
+    """V(s_t) in closed form vs the success rate of N sampled continuations of the prefix (the
+    cached decoding, checked against full forwards above), for correct prefixes of several lengths;
+    after a wrong token the value is exactly 0."""
+    cfg, model = trained
+    pairs = np.array([[17, 36]])
+    correct = rc.chain_tokens(pairs, cfg.lines)
+    v = rc.exact_values(model, pairs, cfg)[0]
+    assert 0.02 < float(v[0]) < 0.98, "the test model should be neither hopeless nor perfect"
+    n = 2000
+    gen = torch.Generator().manual_seed(0)
+    prompt = rc.prompt_tokens(pairs)
+    for t in (0, 4, 10, cfg.completion_len - 2):
+        prefix = torch.cat([prompt, correct[:, :t]], dim=1)
+        ids = rc.sample(model, prefix, n, cfg.completion_len - t, gen)
+        mc = float((ids[:, rc.PROMPT_LEN:] == correct).all(dim=1).double().mean())
+        sd = math.sqrt(max(float(v[t]) * (1 - float(v[t])), 1e-4) / n)
+        assert abs(mc - float(v[t])) < 5 * sd + 1e-3, (t, mc, float(v[t]))
+    # the rows of a batch: the correct chain's value before the first wrong token, 0 after
+    rollouts = correct.repeat(2, 1)
+    rollouts[1, 4] = (rollouts[1, 4] + 1) % 100
+    values = rc.rollout_values(v[None].repeat(2, 1), rollouts, correct.repeat(2, 1))
+    torch.testing.assert_close(values[0], v)
+    torch.testing.assert_close(values[1, :5], v[:5])
+    assert (values[1, 5:] == 0).all()
+
+
+def test_advantage_scaling_gives_all_equal_groups_zero_signal(rc):
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    group = torch.arange(2).repeat_interleave(4)
+    values = torch.rand(8, 5, dtype=torch.float64)
+    adv = rc.scaled_advantages(values, rewards, group, 2)
+    assert (adv[4:] == 0).all()  # all-equal group: no signal, however far the values are from R
+    std = rewards[:4].double().std()
+    torch.testing.assert_close(adv[:4], (rewards[:4, None].double() - values[:4]) / std)
+
+
+def test_paired_statistics_and_verdicts(rc):
+    p = rc.paired([0.1, 0.2, 0.3])
+    assert math.isclose(p["mean"], 0.2) and math.isclose(p["sd"], 0.1)
+    half = 4.303 * 0.1 / math.sqrt(3)
+    assert math.isclose(p["lo"], 0.2 - half) and math.isclose(p["hi"], 0.2 + half)
+    gain = lambda mean, lo, hi: {"mean": mean, "lo": lo, "hi": hi, "n": 4}
+    assert rc.verdict(gain(0.05, 0.01, 0.09), oracle_gain=0.1) == "helps"
+    assert rc.verdict(gain(0.02, 0.01, 0.03), oracle_gain=0.1) != "helps"  # CI excludes 0 but < 25% of the oracle
+    assert rc.verdict(gain(0.0, -0.01, 0.02), oracle_gain=0.1) == "does not help"
+    assert rc.verdict(gain(0.02, -0.02, 0.06), oracle_gain=0.1).startswith("inconclusive")
+
+
+def test_numca_prefix_values_on_the_task(rc):
+    """Numca's prefix match over this vocabulary: peers that wrote the same numbers so far."""
+    from sveb_kernels.estimators import RolloutBatch
+
+    cfg = rc.Config(lines=2)
+    pairs = np.array([[1, 2]])
+    correct = rc.chain_tokens(pairs, 2)
+    wrong = rc.chain_tokens(pairs, 2, np.array([[1, 0]]))
+    ids = torch.cat([rc.prompt_tokens(pairs).repeat(3, 1), torch.cat([correct, correct, wrong])], 1)
+    rewards = torch.tensor([1.0, 1.0, 0.0])
+    est = rc.Estimators(cfg)
+    batch = est.batch(ids, rewards, torch.zeros(3, dtype=torch.int64), torch.zeros(3, 12, 4))
+    v = est.values("numca_prefix", batch)
+    # before the first result every peer agrees: leave-one-out mean of the others
+    assert v[0, 4] == pytest.approx(0.5) and v[2, 4] == pytest.approx(1.0)
+    # after the wrong result is closed, rollout 2's only same-prefix peers are none; rollout 0's is rollout 1
+    assert v[0, 6] == pytest.approx(1.0)
+
+
+def test_quick_mode_runs_every_arm_and_reports(rc, tmp_path):
+    out = str(tmp_path)
+    summary = rc.main(["--quick", "--out", out, "--seeds", "0,1", "--jobs", "1"])
+    runs = os.listdir(os.path.join(out, "runs"))
+    assert sorted(runs) == sorted(f"{a}-s{s}.json" for a in rc.ARMS for s in (0, 1))
+    with open(os.path.join(out, "rl_credit.json")) as f:
+        result = json.load(f)
+    assert set(result["summary"]["arms"]) == set(rc.ARMS)
+    for name in ("rl_credit.csv", "rl_credit.md", "rl_credit.png", "warm.json"):
+        assert os.path.exists(os.path.join(out, name))
+    for a in rc.ARMS:
+        if a == "grpo":
+            continue
+        assert summary["gains"][a]["auc"]["n"] == 2
+    assert "gate" in summary
+    with open(os.path.join(out, "runs", "grpo-s0.json")) as f:
+        run = json.load(f)
+    assert [s["step"] for s in run["steps"]] == [1, 2, 3]
+    for s in run["steps"]:
+        assert 0 <= s["mean_reward"] <= 1 and 0 <= s["all_equal_groups"] <= 1
+        assert s["group_mean/decision_pearson"] == 0.0  # constant per group: explains nothing within one
+    # resumable: a second call runs nothing and reports the same
+    again = rc.main(["--quick", "--out", out, "--seeds", "0,1", "--jobs", "1"])
+    assert again["gains"]["oracle"]["auc"] == summary["gains"]["oracle"]["auc"]
+
+
+def test_score_norms_and_the_exploratory_arm(rc, tmp_path):
+    """--score-norms reports shares in [0, 1]; oracle_td runs only when asked and gets no verdict."""
+    out = str(tmp_path)
+    norms = rc.main(["--quick", "--out", out, "--score-norms"])
+    assert 0.0 <= norms["share_on_error"] <= 1.0 or math.isnan(norms["share_on_error"])
+    summary = rc.main(["--quick", "--out", out, "--seeds", "0", "--arms", "grpo,oracle_td"])
+    assert set(summary["arms"]) == {"grpo", "oracle_td"} and "verdict" not in summary["gains"]["oracle_td"]
