@@ -120,6 +120,33 @@ def test_advantage_scaling_gives_all_equal_groups_zero_signal(rc):
     torch.testing.assert_close(adv[:4], (rewards[:4, None].double() - values[:4]) / std)
 
 
+def test_td_advantages_are_one_step_differences_of_the_values(rc):
+    """GAE with gamma 1, lambda 0: A_t = V(s_{t+1}) - V(s_t), V after the last token = R, scaled by
+    the group's reward std; all-equal groups get 0. Oracle form: with exact values on a chain, a
+    correct token gets V_t (1/pi_t - 1), the first wrong token -V_t, later tokens 0."""
+    gen = torch.Generator().manual_seed(3)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    group = torch.arange(2).repeat_interleave(3)
+    values = torch.rand(6, 5, generator=gen, dtype=torch.float64)
+    adv = rc.td_scaled_advantages(values, rewards, group, 2)
+    assert (adv[3:] == 0).all()
+    std = rewards[:3].double().std()
+    for i in range(3):  # plain loop: the definition, token by token
+        for t in range(5):
+            nxt = values[i, t + 1] if t + 1 < 5 else rewards[i].double()
+            assert adv[i, t].item() == pytest.approx(((nxt - values[i, t]) / std).item(), rel=1e-12, abs=1e-15)
+    # the sum over tokens telescopes to (R - V_0) / std: the same total credit as the R - V arm's first token
+    torch.testing.assert_close(adv[:3].sum(1), (rewards[:3].double() - values[:3, 0]) / std)
+    # exact values of a 3-token chain with pi = (0.5, 0.8, 0.9): the correct rollout and one wrong at token 1
+    pi = torch.tensor([0.5, 0.8, 0.9], dtype=torch.float64)
+    v_correct = pi.flip(0).cumprod(0).flip(0)
+    truth = rc.rollout_values(v_correct.repeat(2, 1), torch.tensor([[1, 2, 3], [1, 7, 3]]), torch.tensor([[1, 2, 3]] * 2))
+    a = rc.td_scaled_advantages(truth, torch.tensor([1.0, 0.0]), torch.zeros(2, dtype=torch.int64), 1) * math.sqrt(0.5)
+    torch.testing.assert_close(a[0], v_correct * (1 / pi - 1))
+    torch.testing.assert_close(a[1], torch.stack([v_correct[0] * (1 / pi[0] - 1), -v_correct[1],
+                                                  torch.zeros((), dtype=torch.float64)]))
+
+
 def test_paired_statistics_and_verdicts(rc):
     p = rc.paired([0.1, 0.2, 0.3])
     assert math.isclose(p["mean"], 0.2) and math.isclose(p["sd"], 0.1)
@@ -175,3 +202,9 @@ def test_quick_mode_runs_every_arm_and_reports(rc, tmp_path):
     # resumable: a second call runs nothing and reports the same
     again = rc.main(["--quick", "--out", out, "--seeds", "0,1", "--jobs", "1"])
     assert again["gains"]["oracle"]["auc"] == summary["gains"]["oracle"]["auc"]
+    # the TD amendment's arms (one seed, 3 steps): their own gate and verdicts, report under another name
+    td = rc.main(["--quick", "--out", out, "--seeds", "0", "--jobs", "1", "--arms", "oracle_td,numca_td,hista_td",
+                  "--report-name", "rl_credit_td"])
+    assert {"oracle_td", "numca_td", "hista_td"} <= set(td["arms"]) and "gate_td" in td
+    assert td["gate_td"]["control"] == "oracle_td" and "verdict" in td["gains"]["hista_td"]
+    assert os.path.exists(os.path.join(out, "rl_credit_td.md"))
