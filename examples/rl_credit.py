@@ -525,8 +525,9 @@ def summarize(runs: list[dict], cfg: Config) -> dict:
     for a in arms:
         rs = [by[(a, s)] for s in seeds if (a, s) in by]
         steps = [x for r in rs for x in r["steps"]]
-        diag = {k: float(np.nanmean([x[k] for x in steps if k in x])) for k in steps[0] if "pearson" in k} \
-            if any("pearson" in k for k in steps[0]) else {}
+        # the keys of every step, not step 1's: with diag_every=2 the non-oracle arms have no diagnostics at step 1
+        diag_keys = list(dict.fromkeys(k for x in steps for k in x if "pearson" in k))
+        diag = {k: float(np.nanmean([x[k] for x in steps if k in x])) for k in diag_keys}
         summary["arms"][a] = {
             "seeds": [r["seed"] for r in rs], "auc": [r["auc"] for r in rs],
             "held_out_success": [r["held_out_success"] for r in rs],

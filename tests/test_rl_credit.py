@@ -159,6 +159,24 @@ def test_paired_statistics_and_verdicts(rc):
     assert rc.verdict(gain(0.02, -0.02, 0.06), oracle_gain=0.1).startswith("inconclusive")
 
 
+def test_summary_gates_and_diagnostics_of_sparse_steps(rc):
+    """Diagnostics logged every 2nd step (step 1 has none) still reach the summary; oracle_td has its own gate."""
+    cfg = rc.Config()
+
+    def run(arm, seed, rewards):
+        steps = [{"step": i + 1, "mean_reward": r, "all_equal_groups": 0.0, "step_seconds": 1.0, "estimator_seconds": 0.0,
+                  **({"hista/decision_pearson": 0.5} if i % 2 else {})} for i, r in enumerate(rewards)]
+        return {"arm": arm, "seed": seed, "auc": float(np.mean(rewards)), "held_out_success": 0.5, "steps": steps}
+
+    runs = [run("grpo", s, [0.5, 0.5]) for s in (0, 1)] + [run("oracle_td", 0, [0.6, 0.6]), run("oracle_td", 1, [0.7, 0.5]),
+                                                           run("hista_td", 0, [0.5, 0.6]), run("hista_td", 1, [0.5, 0.6])]
+    summary = rc.summarize(runs, cfg)
+    assert summary["arms"]["grpo"]["pearson"] == {"hista/decision_pearson": 0.5}
+    assert "gate" not in summary and summary["gate_td"]["passed"]  # +0.1 on both seeds
+    assert summary["gains"]["hista_td"]["auc"]["mean"] == pytest.approx(0.05)
+    assert "verdict" in summary["gains"]["hista_td"]
+
+
 def test_numca_prefix_values_on_the_task(rc):
     """Numca's prefix match over this vocabulary: peers that wrote the same numbers so far."""
     from sveb_kernels.estimators import RolloutBatch
