@@ -3,6 +3,8 @@
     python examples/rl_credit.py --out bench/results/rl_credit --jobs 2              # the preregistered grid
     python examples/rl_credit.py --out bench/results/rl_credit --report-only          # tables/plot from the run files
     python examples/rl_credit.py --quick --out /tmp/rl_credit                         # plumbing check, < 1 min
+    python examples/rl_credit.py --out bench/results/rl_credit --jobs 2 --arms oracle_td,grpo --report-name rl_credit_td
+                                                                                    # the TD amendment (docs/RL_EXPERIMENT_TD.md)
 
 Preregistration, arms and decision rules: docs/RL_EXPERIMENT.md (written before the grid ran).
 
@@ -31,9 +33,10 @@ Arms (A_t before scaling):
     grpo     R - mean(group)                       sequence level
     rloo     R - mean(other rollouts of the group) sequence level
     oracle   R - V_exact(s_t)                      token level (positive control)
-    oracle_td  V_exact(s_{t+1}) - V_exact(s_t)     exploratory, not in the default arms (not preregistered)
     numca    R - V_Numca(s_t), match="prefix", leave-one-out
     hista    R - V_Hista(s_t), layer and temperature from --hista-layer / --hista-temperature
+    oracle_td, numca_td, hista_td (the amendment, docs/RL_EXPERIMENT_TD.md; not in the default grid)
+             V(s_{t+1}) - V(s_t), V after the last token = R, with the same values as oracle/numca/hista
 
 Scaling: every advantage of a group is divided by the std of its rewards, and a group whose
 rewards are all equal (std 0) gets advantage 0 in every arm: an all-equal group's zero std never
@@ -64,10 +67,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ARMS = ("grpo", "rloo", "oracle", "numca", "hista")
-ESTIMATOR_ARMS = ("rloo", "numca", "hista")  # what gets a verdict against GRPO
-# Not preregistered; run after the gate failed (docs/RL_EXPERIMENT.md): only with --arms oracle_td.
-EXPLORATORY_ARMS = ("oracle_td",)
+ARMS = ("grpo", "rloo", "oracle", "numca", "hista")  # the first preregistration (docs/RL_EXPERIMENT.md); the default grid
+ESTIMATOR_ARMS = ("rloo", "numca", "hista")  # what gets a verdict against GRPO, measured against the oracle's gain
+# The amendment (docs/RL_EXPERIMENT_TD.md): R - V(s_t) gave the oracle no gain over GRPO (every token before the
+# first error still carries the whole outcome), so the same values are used as one-step TD errors instead:
+# A_t = V(s_{t+1}) - V(s_t) with V after the last token = R (GAE, gamma 1, lambda 0). Run with --arms.
+TD_ARMS = ("oracle_td", "numca_td", "hista_td")
+TD_ESTIMATOR_ARMS = ("numca_td", "hista_td")  # verdicts measured against oracle_td's gain
+ALL_ARMS = ARMS + TD_ARMS
+VALUES_OF_ARM = {"grpo": "group_mean", "rloo": "loo_mean", "numca": "numca_prefix", "hista": "hista",
+                 "numca_td": "numca_prefix", "hista_td": "hista"}
 DIAG = ("group_mean", "loo_mean", "numca_prefix", "numca_last", "hista")
 MOD = 100
 PLUS, EQUALS, NEWLINE, BOS = MOD, MOD + 1, MOD + 2, MOD + 3
@@ -374,6 +383,18 @@ def scaled_advantages(values: torch.Tensor, rewards: torch.Tensor, group: torch.
     return (rewards.double()[:, None] - values) * scale.repeat_interleave(r.shape[1])[:, None]
 
 
+def td_scaled_advantages(values: torch.Tensor, rewards: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+    """(V(s_{t+1}) - V(s_t)) / std(group rewards), V after the last token = R (GAE with gamma 1, lambda 0);
+    0 for every token of a group whose rewards are all equal. With exact values a token that keeps the
+    chain correct gets V(s_t) (1/pi - 1) > 0, the first wrong token -V(s_t), every later token 0: credit
+    lands on the token that changed the outcome instead of on every token before it."""
+    next_values = torch.cat([values[:, 1:], rewards.to(values.dtype)[:, None]], dim=1)
+    r = rewards.double().view(groups, -1)
+    std = r.std(dim=1, unbiased=True)
+    scale = torch.where(std > 0, 1.0 / std.clamp_min(1e-12), torch.zeros_like(std))
+    return (next_values.double() - values.double()) * scale.repeat_interleave(r.shape[1])[:, None]
+
+
 def within_pearson(est: np.ndarray, truth: np.ndarray, group: np.ndarray) -> float:
     from sveb_kernels.sveb import metrics
 
@@ -404,28 +425,26 @@ def run_one(arm: str, seed: int, cfg: Config, warm_state: dict, log) -> dict:
         logp, hidden = completion_logprobs(model, ids)
         t1 = time.perf_counter()
         truth = None
-        if arm.startswith("oracle") or step % cfg.diag_every == 0:
+        oracle_arm = arm in ("oracle", "oracle_td")
+        if oracle_arm or step % cfg.diag_every == 0:
             truth = rollout_values(exact_values(model, pairs, cfg).repeat_interleave(cfg.group, dim=0),
                                    rollouts, correct)
         t_truth = time.perf_counter() - t1
         batch = estimators.batch(ids, rewards, group, hidden[cfg.hista_layer - 1].detach())
         t1 = time.perf_counter()
-        if arm == "oracle":
+        if oracle_arm:
             values = truth
-        elif arm == "oracle_td":  # A_t = V(s_{t+1}) - V(s_t) (GAE lambda 0 with exact values; V after the last token = R)
-            nxt = torch.cat([truth[:, 1:], rewards.double()[:, None]], dim=1)
-            values = truth - nxt + rewards.double()[:, None]  # so that R - values = V(s_{t+1}) - V(s_t)
         else:
-            values = estimators.values({"grpo": "group_mean", "rloo": "loo_mean", "numca": "numca_prefix",
-                                        "hista": "hista"}[arm], batch)
-        advantages = scaled_advantages(values, rewards, group, cfg.prompts).float()
-        estimator_seconds = time.perf_counter() - t1 + (t_truth if arm.startswith("oracle") else 0.0)
+            values = estimators.values(VALUES_OF_ARM[arm], batch)
+        advantage_fn = td_scaled_advantages if arm in TD_ARMS else scaled_advantages
+        advantages = advantage_fn(values, rewards, group, cfg.prompts).float()
+        estimator_seconds = time.perf_counter() - t1 + (t_truth if oracle_arm else 0.0)
         loss = -(advantages * logp).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        step_seconds = time.perf_counter() - t0 - (t_truth if not arm.startswith("oracle") else 0.0)
+        step_seconds = time.perf_counter() - t0 - (t_truth if not oracle_arm else 0.0)
         r = rewards.view(cfg.prompts, cfg.group)
         record = {"step": step, "mean_reward": float(rewards.mean()),
                   "all_equal_groups": float(((r == r[:, :1]).all(dim=1)).double().mean()),
@@ -501,13 +520,14 @@ def verdict(gain: dict, oracle_gain: float) -> str:
 def summarize(runs: list[dict], cfg: Config) -> dict:
     by = {(r["arm"], r["seed"]): r for r in runs}
     seeds = sorted({s for _, s in by})
-    arms = [a for a in ARMS + EXPLORATORY_ARMS if any((a, s) in by for s in seeds)]
+    arms = [a for a in ALL_ARMS if any((a, s) in by for s in seeds)]
     summary = {"arms": {}, "gains": {}, "threshold": cfg.threshold}
     for a in arms:
         rs = [by[(a, s)] for s in seeds if (a, s) in by]
         steps = [x for r in rs for x in r["steps"]]
-        keys = dict.fromkeys(k for x in steps for k in x if "pearson" in k)  # diagnostics run every diag_every steps
-        diag = {k: float(np.nanmean([x[k] for x in steps if k in x])) for k in keys}
+        # the keys of every step, not step 1's: with diag_every=2 the non-oracle arms have no diagnostics at step 1
+        diag_keys = list(dict.fromkeys(k for x in steps for k in x if "pearson" in k))
+        diag = {k: float(np.nanmean([x[k] for x in steps if k in x])) for k in diag_keys}
         summary["arms"][a] = {
             "seeds": [r["seed"] for r in rs], "auc": [r["auc"] for r in rs],
             "held_out_success": [r["held_out_success"] for r in rs],
@@ -530,15 +550,19 @@ def summarize(runs: list[dict], cfg: Config) -> dict:
             "steps_to_threshold": paired([steps_to_threshold(by[(a, s)], cfg.threshold)
                                           - steps_to_threshold(by[("grpo", s)], cfg.threshold) for s in common]),
         }
-    oracle = summary["gains"].get("oracle")
-    if oracle is not None:
+    # one gate per positive control: "gate" (oracle, R - V) judges ESTIMATOR_ARMS, "gate_td" (oracle_td,
+    # V(s_{t+1}) - V(s_t)) judges TD_ESTIMATOR_ARMS; the same rule for both
+    for control, gate_key, judged in (("oracle", "gate", ESTIMATOR_ARMS), ("oracle_td", "gate_td", TD_ESTIMATOR_ARMS)):
+        oracle = summary["gains"].get(control)
+        if oracle is None:
+            continue
         d = oracle["auc"]
-        summary["gate"] = {"oracle_minus_grpo_auc": d, "passed": bool(d["n"] >= 2 and d["mean"] >= 0.05
-                                                                          and min(d["per_seed"]) > 0)}
-        for a in ESTIMATOR_ARMS:
+        summary[gate_key] = {"control": control, "oracle_minus_grpo_auc": d,
+                             "passed": bool(d["n"] >= 2 and d["mean"] >= 0.05 and min(d["per_seed"]) > 0)}
+        for a in judged:
             if a in summary["gains"]:
                 summary["gains"][a]["verdict"] = (verdict(summary["gains"][a]["auc"], d["mean"])
-                                                  if summary["gate"]["passed"] else
+                                                  if summary[gate_key]["passed"] else
                                                   "no verdict: the gate failed (the testbed is uninformative)")
                 summary["gains"][a]["share_of_oracle_gain"] = (summary["gains"][a]["auc"]["mean"] / d["mean"]
                                                                if d["mean"] else float("nan"))
@@ -568,10 +592,12 @@ def table(summary: dict) -> str:
               "| arm | " + " | ".join(pearson_names) + " |", "|---|" + "---|" * len(pearson_names)]
     for a, s in summary["arms"].items():
         lines.append(f"| {a} | " + " | ".join(f"{s['pearson'].get(k, float('nan')):.3f}" for k in pearson_names) + " |")
-    if "gate" in summary:
-        d = summary["gate"]["oracle_minus_grpo_auc"]
-        lines += ["", f"Gate (oracle - GRPO AUC >= 0.05, every seed positive): "
-                  f"{'PASSED' if summary['gate']['passed'] else 'FAILED'}; mean {d['mean']:+.3f}, per seed "
+    for gate_key, control in (("gate", "oracle"), ("gate_td", "oracle_td")):
+        if gate_key not in summary:
+            continue
+        d = summary[gate_key]["oracle_minus_grpo_auc"]
+        lines += ["", f"Gate ({control} - GRPO AUC >= 0.05, every seed positive): "
+                  f"{'PASSED' if summary[gate_key]['passed'] else 'FAILED'}; mean {d['mean']:+.3f}, per seed "
                   + ", ".join(f"{x:+.3f}" for x in d["per_seed"])]
     return "\n".join(lines)
 
@@ -594,10 +620,12 @@ def plot(summary: dict, path: str) -> None:
                 ax.errorbar([i + 0.25], [p["mean"]], yerr=[[p["mean"] - p["lo"]], [p["hi"] - p["mean"]]], fmt="o",
                             color="black", capsize=4)
         ax.axhline(0, color="grey", lw=0.8)
-        if key == "auc" and "gate" in summary:
+        gates = [(k, c) for k, c in (("gate", "green"), ("gate_td", "purple")) if k in summary]
+        if key == "auc" and gates:
             ax.axhline(0.05, color="red", lw=0.8, ls="--", label="gate (oracle >= 0.05)")
-            ax.axhline(0.25 * summary["gate"]["oracle_minus_grpo_auc"]["mean"], color="green", lw=0.8, ls=":",
-                       label="25% of the oracle's gain")
+            for gate_key, colour in gates:
+                ax.axhline(0.25 * summary[gate_key]["oracle_minus_grpo_auc"]["mean"], color=colour, lw=0.8, ls=":",
+                           label=f"25% of {summary[gate_key]['control']}'s gain")
             ax.legend(fontsize=8)
         ax.set_xticks(range(len(arms)), arms)
         ax.set(ylabel=label, title="dots: seeds; bar: mean, 95% t CI (paired)")
@@ -607,7 +635,7 @@ def plot(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
-def report(out: str, cfg: Config, log) -> dict:
+def report(out: str, cfg: Config, log, stem: str = "rl_credit") -> dict:
     run_dir = os.path.join(out, "runs")
     runs = []
     for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
@@ -622,7 +650,7 @@ def report(out: str, cfg: Config, log) -> dict:
         log("report: no runs yet")
         return {}
     summary = summarize(runs, cfg)
-    base = os.path.join(out, "rl_credit")
+    base = os.path.join(out, stem)
     rows = [{"arm": r["arm"], "seed": r["seed"], **s} for r in runs for s in r["steps"]]
     keys = list(dict.fromkeys(k for row in rows for k in row))
     with open(base + ".csv", "w", newline="") as f:
@@ -662,7 +690,8 @@ def _worker(job):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="results folder (runs/ holds one file per arm and seed)")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ALL_ARMS)}")
+    p.add_argument("--report-name", default="rl_credit", help="stem of the report files <out>/<stem>.{csv,json,png,md}")
     p.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds")
     p.add_argument("--jobs", type=int, default=1, help="processes (one thread each)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 3 steps: checks plumbing")
@@ -753,7 +782,7 @@ def main(argv=None) -> dict:
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     if a.report_only:
-        return report(a.out, cfg, log)
+        return report(a.out, cfg, log, a.report_name)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -775,12 +804,12 @@ def main(argv=None) -> dict:
         if a.warm_only:
             return {}
         arms = [x for x in a.arms.split(",") if x]
-        unknown = set(arms) - set(ARMS + EXPLORATORY_ARMS)
+        unknown = set(arms) - set(ALL_ARMS)
         if unknown:
-            raise SystemExit(f"unknown arms {sorted(unknown)}; choose from {ARMS + EXPLORATORY_ARMS}")
+            raise SystemExit(f"unknown arms {sorted(unknown)}; choose from {ALL_ARMS}")
         seeds = [int(s) for s in a.seeds.split(",") if s]
         # oracle and GRPO for every seed first: the gate is answered even if the grid is cut short
-        first = [x for x in ("oracle", "grpo") if x in arms]
+        first = [x for x in ("oracle", "oracle_td", "grpo") if x in arms]
         order = [(x, s) for s in seeds for x in first] + [(x, s) for s in seeds for x in arms if x not in first]
         jobs = [(x, s, asdict(cfg), warm_path, a.out) for x, s in order
                 if not os.path.exists(os.path.join(a.out, "runs", f"{x}-s{s}.json"))]
@@ -795,7 +824,7 @@ def main(argv=None) -> dict:
             for done, job in enumerate(jobs, 1):
                 _worker(job)
                 log(f"progress: {done}/{len(jobs)} runs done ({job[0]} seed {job[1]})")
-        return report(a.out, cfg, log)
+        return report(a.out, cfg, log, a.report_name)
     finally:
         torch.set_num_threads(threads)
 

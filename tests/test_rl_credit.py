@@ -120,6 +120,33 @@ def test_advantage_scaling_gives_all_equal_groups_zero_signal(rc):
     torch.testing.assert_close(adv[:4], (rewards[:4, None].double() - values[:4]) / std)
 
 
+def test_td_advantages_are_one_step_differences_of_the_values(rc):
+    """GAE with gamma 1, lambda 0: A_t = V(s_{t+1}) - V(s_t), V after the last token = R, scaled by
+    the group's reward std; all-equal groups get 0. Oracle form: with exact values on a chain, a
+    correct token gets V_t (1/pi_t - 1), the first wrong token -V_t, later tokens 0."""
+    gen = torch.Generator().manual_seed(3)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    group = torch.arange(2).repeat_interleave(3)
+    values = torch.rand(6, 5, generator=gen, dtype=torch.float64)
+    adv = rc.td_scaled_advantages(values, rewards, group, 2)
+    assert (adv[3:] == 0).all()
+    std = rewards[:3].double().std()
+    for i in range(3):  # plain loop: the definition, token by token
+        for t in range(5):
+            nxt = values[i, t + 1] if t + 1 < 5 else rewards[i].double()
+            assert adv[i, t].item() == pytest.approx(((nxt - values[i, t]) / std).item(), rel=1e-12, abs=1e-15)
+    # the sum over tokens telescopes to (R - V_0) / std: the same total credit as the R - V arm's first token
+    torch.testing.assert_close(adv[:3].sum(1), (rewards[:3].double() - values[:3, 0]) / std)
+    # exact values of a 3-token chain with pi = (0.5, 0.8, 0.9): the correct rollout and one wrong at token 1
+    pi = torch.tensor([0.5, 0.8, 0.9], dtype=torch.float64)
+    v_correct = pi.flip(0).cumprod(0).flip(0)
+    truth = rc.rollout_values(v_correct.repeat(2, 1), torch.tensor([[1, 2, 3], [1, 7, 3]]), torch.tensor([[1, 2, 3]] * 2))
+    a = rc.td_scaled_advantages(truth, torch.tensor([1.0, 0.0]), torch.zeros(2, dtype=torch.int64), 1) * math.sqrt(0.5)
+    torch.testing.assert_close(a[0], v_correct * (1 / pi - 1))
+    torch.testing.assert_close(a[1], torch.stack([v_correct[0] * (1 / pi[0] - 1), -v_correct[1],
+                                                  torch.zeros((), dtype=torch.float64)]))
+
+
 def test_paired_statistics_and_verdicts(rc):
     p = rc.paired([0.1, 0.2, 0.3])
     assert math.isclose(p["mean"], 0.2) and math.isclose(p["sd"], 0.1)
@@ -130,6 +157,24 @@ def test_paired_statistics_and_verdicts(rc):
     assert rc.verdict(gain(0.02, 0.01, 0.03), oracle_gain=0.1) != "helps"  # CI excludes 0 but < 25% of the oracle
     assert rc.verdict(gain(0.0, -0.01, 0.02), oracle_gain=0.1) == "does not help"
     assert rc.verdict(gain(0.02, -0.02, 0.06), oracle_gain=0.1).startswith("inconclusive")
+
+
+def test_summary_gates_and_diagnostics_of_sparse_steps(rc):
+    """Diagnostics logged every 2nd step (step 1 has none) still reach the summary; oracle_td has its own gate."""
+    cfg = rc.Config()
+
+    def run(arm, seed, rewards):
+        steps = [{"step": i + 1, "mean_reward": r, "all_equal_groups": 0.0, "step_seconds": 1.0, "estimator_seconds": 0.0,
+                  **({"hista/decision_pearson": 0.5} if i % 2 else {})} for i, r in enumerate(rewards)]
+        return {"arm": arm, "seed": seed, "auc": float(np.mean(rewards)), "held_out_success": 0.5, "steps": steps}
+
+    runs = [run("grpo", s, [0.5, 0.5]) for s in (0, 1)] + [run("oracle_td", 0, [0.6, 0.6]), run("oracle_td", 1, [0.7, 0.5]),
+                                                           run("hista_td", 0, [0.5, 0.6]), run("hista_td", 1, [0.5, 0.6])]
+    summary = rc.summarize(runs, cfg)
+    assert summary["arms"]["grpo"]["pearson"] == {"hista/decision_pearson": 0.5}
+    assert "gate" not in summary and summary["gate_td"]["passed"]  # +0.1 on both seeds
+    assert summary["gains"]["hista_td"]["auc"]["mean"] == pytest.approx(0.05)
+    assert "verdict" in summary["gains"]["hista_td"]
 
 
 def test_numca_prefix_values_on_the_task(rc):
@@ -177,10 +222,16 @@ def test_quick_mode_runs_every_arm_and_reports(rc, tmp_path):
     assert again["gains"]["oracle"]["auc"] == summary["gains"]["oracle"]["auc"]
 
 
-def test_score_norms_and_the_exploratory_arm(rc, tmp_path):
-    """--score-norms reports shares in [0, 1]; oracle_td runs only when asked and gets no verdict."""
+def test_score_norms_and_the_td_arms(rc, tmp_path):
+    """--score-norms reports shares in [0, 1]; the TD arms run only when asked; oracle_td, a control, gets no verdict."""
     out = str(tmp_path)
     norms = rc.main(["--quick", "--out", out, "--score-norms"])
     assert 0.0 <= norms["share_on_error"] <= 1.0 or math.isnan(norms["share_on_error"])
     summary = rc.main(["--quick", "--out", out, "--seeds", "0", "--arms", "grpo,oracle_td"])
     assert set(summary["arms"]) == {"grpo", "oracle_td"} and "verdict" not in summary["gains"]["oracle_td"]
+    # the TD amendment's arms (one seed, 3 steps): their own gate and verdicts, report under another name
+    td = rc.main(["--quick", "--out", out, "--seeds", "0", "--jobs", "1", "--arms", "oracle_td,numca_td,hista_td",
+                  "--report-name", "rl_credit_td"])
+    assert {"oracle_td", "numca_td", "hista_td"} <= set(td["arms"]) and "gate_td" in td
+    assert td["gate_td"]["control"] == "oracle_td" and "verdict" in td["gains"]["hista_td"]
+    assert os.path.exists(os.path.join(out, "rl_credit_td.md"))
