@@ -103,6 +103,11 @@ def poisoned(case):
     if case["poison"] is None:
         return hidden, returns, key_bias, bad_values, bad_lse
     j = case["poison_at"]
+    if case["poison"] == "key_bias":
+        key_bias = (torch.zeros(n) if key_bias is None else key_bias).clone()
+        key_bias[j] = math.nan            # -inf is a legitimate zero weight; NaN poisons
+    # K(i) of the poisoned inputs: a NaN bias where -inf was makes j a key again (the fuzzer's first
+    # long run drew exactly that and the rule, read off the clean bias, expected no NaN)
     keys = hista_key_sets(case["rollout_ids"].long(), case["offsets"], case["key_mask"])
     if key_bias is not None:
         keys &= (key_bias != -math.inf)[None, :]
@@ -115,10 +120,6 @@ def poisoned(case):
         returns[j] = case["poison_value"]
         bad_values = keys[:, j].clone()
     else:
-        if key_bias is None:
-            key_bias = torch.zeros(n)
-        key_bias = key_bias.clone()
-        key_bias[j] = math.nan            # -inf is a legitimate zero weight; NaN poisons
         bad_lse = keys[:, j].clone()
         bad_values = bad_lse.clone()
     return hidden, returns, key_bias, bad_values, bad_lse
@@ -210,6 +211,9 @@ def hista_example(hidden, returns, rollout_ids, offsets, **options):
 @example(hista_example([[0.4516], [-1.3828]], [0.5684, -1.0845], [0, 1], [0, 2], temperature=1e-30, poison="returns",
                        poison_value=math.nan, extreme=True))
 @example(hista_example([[0.4516], [-1.3828]], [0.5684, -1.0845], [0, 1], [0, 2], poison="returns"))
+# test's own rule: a NaN key_bias where the clean one was -inf makes the token a key again
+@example(hista_example([[-1.6149], [2.2759], [-1.5720], [0.9545]], [1.2268, 0.8196, -1.0267, -1.6151], [0, 1, 2, 3],
+                       [0, 3, 4], key_bias=torch.tensor([-math.inf, 1.0253, -math.inf, 0.0931]), poison="key_bias"))
 def test_hista_every_path_matches_the_oracle(case):
     hidden, returns, key_bias, bad_values, bad_lse = poisoned(case)
     for what, values, lse in hista_paths(case, hidden, returns, key_bias):
