@@ -348,6 +348,55 @@ def test_numca_values_every_path_matches_the_oracle(case):
             assert err <= 1e-6 * (1 + float(want.abs().max())), (what, err)
 
 
+# --------------------------------------------------------------------------- estimators (integrations)
+@st.composite
+def padded_batches(draw):
+    b, t = draw(st.integers(1, 7)), draw(st.integers(1, 9))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+    mask = torch.rand(b, t, generator=gen) < draw(st.sampled_from([0.5, 0.9, 1.0]))
+    group_index = torch.randint(0, draw(st.integers(1, 3)), (b,), generator=gen)
+    returns = torch.randn(b, generator=gen)
+    d = draw(st.sampled_from([1, 4, 9]))
+    n = int(mask.sum())
+    hidden = torch.randn(n, d, generator=gen).to(draw(st.sampled_from([torch.float32, torch.bfloat16])))
+    return dict(mask=mask, group_index=group_index, returns=returns, hidden=hidden,
+                similarity=draw(st.sampled_from(["cosine", "dot"])), temperature=draw(st.floats(0.05, 3.0)),
+                equal=draw(st.booleans()))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="run in the main process")
+@fuzz_settings(scale=0.5)
+@given(padded_batches())
+def test_hista_estimator_matches_the_oracle(case):
+    """The Hista estimator the integrations call (estimators.builtin.Hista on a RolloutBatch): padded
+    rows -> packed state cells -> the op -> [B, T], against the oracle on the same packed cells."""
+    from sveb_kernels.estimators import Hista, RolloutBatch
+
+    mask, returns = case["mask"], case["returns"]
+    batch = RolloutBatch(torch.zeros(mask.shape, dtype=torch.int64), mask, case["group_index"], returns,
+                         hidden=case["hidden"])
+    for backend in BACKENDS:
+        est = Hista(case["similarity"], case["temperature"], backend=backend, equal_rollout_weight=case["equal"])
+        values = est.estimate(batch)
+        packing = batch.packing
+        rollout_ids = packing.rollout_ids.long()
+        key_bias = None
+        if case["equal"]:
+            lengths = torch.bincount(rollout_ids, minlength=mask.shape[0]).to(torch.float32)
+            key_bias = -torch.log(lengths.clamp_min(1))[rollout_ids]
+        want, _ = hista_oracle(case["hidden"].double(), returns[rollout_ids], rollout_ids, packing.group_offsets,
+                               est.last_temperature, case["similarity"], None, key_bias, 0.0)
+        want = packing.unpack(want.to(torch.float32))
+        assert values.shape == mask.shape
+        err = float((values.double() - want.double()).abs().max())
+        bound = 1e-4 * float(returns.abs().max())
+        if case["similarity"] == "dot":   # logits ~ |h|^2 / temperature in float32
+            bound = max(bound, 4e-7 * float(returns.abs().max()) * float(
+                (case["hidden"].double().norm(dim=1) ** 2).max() if len(case["hidden"]) else 0) /
+                est.last_temperature)
+        assert err <= bound, (backend, err, bound)
+
+
 # ------------------------------------------------------------------------------------ distributed
 def _distributed_worker(rank, world, init_file, out_file, cases):
     import datetime
