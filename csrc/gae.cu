@@ -21,17 +21,8 @@ using namespace gae_kernels;
 void check_gae_args(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask, double gamma,
                     double lam) {
   using namespace checks;
-  TORCH_CHECK_VALUE(rewards.dim() == 2, "rewards must have shape [B, T], got ", rewards.sizes());
-  floating("rewards", rewards);
-  floating("values", values);
-  same_shape("values", values, rewards, "rewards");
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || at::isIntegralType(mask.scalar_type(), /*includeBool=*/false) ||
-                       at::isFloatingType(mask.scalar_type()),
-                   "mask must have dtype bool, an integer or a float dtype, got ", mask.scalar_type());
-  same_shape("mask", mask, rewards, "rewards");
+  gae_args(rewards, values, mask, gamma, lam);
   TORCH_CHECK_VALUE(rewards.size(0) <= INT_MAX, "rewards has B = ", rewards.size(0), " rows, more than 2^31 - 1");
-  number_in("gamma", gamma, 0.0, 1.0, /*low_open=*/false);
-  number_in("lam", lam, 0.0, 1.0, /*low_open=*/false);
   on_cuda("sveb::_cuda_gae", "rewards", rewards);
   on_device_of("values", values, "rewards", rewards);
   on_device_of("mask", mask, "rewards", rewards);

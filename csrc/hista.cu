@@ -62,34 +62,11 @@ void check_hista_args(const at::Tensor& hidden, const at::Tensor& returns, const
                       const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& key_bias,
                       int64_t key_splits) {
   using namespace checks;
-  TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must have shape [N, D], got ", hidden.sizes());
-  floating("hidden", hidden);
+  hista_args(hidden, returns, rollout_ids, group_offsets, temperature, similarity, key_mask, key_bias);
   const int64_t n = hidden.size(0);
-  TORCH_CHECK_VALUE(hidden.size(1) >= 1, "hidden must have D >= 1 columns, got shape ", hidden.sizes());
   TORCH_CHECK_VALUE(n <= INT_MAX - 2 * kTileM, "hidden has N = ", n, " rows; the cuda backend takes N < 2^31 - 256");
   TORCH_CHECK_VALUE(hidden.size(1) <= INT_MAX - 64, "hidden has D = ", hidden.size(1), " columns, too many");
-  floating("returns", returns);
-  vector_of("returns", returns, n);
-  TORCH_CHECK_TYPE(dtype_in(rollout_ids, {at::kInt, at::kLong}), "rollout_ids must have dtype int32/int64, got ",
-                   rollout_ids.scalar_type());
-  vector_of("rollout_ids", rollout_ids, n);
-  TORCH_CHECK_TYPE(dtype_in(group_offsets, {at::kInt, at::kLong}), "group_offsets must have dtype int32/int64, got ",
-                   group_offsets.scalar_type());
-  TORCH_CHECK_VALUE(group_offsets.dim() == 1 && group_offsets.size(0) >= (n > 0 ? 2 : 1),
-                    "group_offsets must have shape [G+1] with G >= 1 groups when N > 0, got ", group_offsets.sizes());
   TORCH_CHECK_VALUE(group_offsets.size(0) <= INT_MAX, "group_offsets has too many entries");
-  if (key_mask) {
-    TORCH_CHECK_TYPE(key_mask->scalar_type() == at::kBool, "key_mask must have dtype bool, got ",
-                     key_mask->scalar_type());
-    vector_of("key_mask", *key_mask, n);
-  }
-  if (key_bias) {
-    floating("key_bias", *key_bias);
-    vector_of("key_bias", *key_bias, n);
-  }
-  number_in("temperature", temperature, 0.0, INFINITY, /*low_open=*/true);
-  TORCH_CHECK_VALUE(similarity == "cosine" || similarity == "dot", "similarity must be one of ('cosine', 'dot'), got '",
-                    std::string(similarity), "'");
   TORCH_CHECK_VALUE(key_splits >= 0 && key_splits <= kMaxKeySplits, "key_splits must be in [0, ", kMaxKeySplits,
                     "] (0 = automatic), got ", key_splits);
   checks::on_cuda("sveb::_cuda_hista_values", "hidden", hidden);

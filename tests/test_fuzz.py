@@ -103,6 +103,11 @@ def poisoned(case):
     if case["poison"] is None:
         return hidden, returns, key_bias, bad_values, bad_lse
     j = case["poison_at"]
+    if case["poison"] == "key_bias":
+        key_bias = (torch.zeros(n) if key_bias is None else key_bias).clone()
+        key_bias[j] = math.nan            # -inf is a legitimate zero weight; NaN poisons
+    # K(i) of the poisoned inputs: a NaN bias where -inf was makes j a key again (the fuzzer's first
+    # long run drew exactly that and the rule, read off the clean bias, expected no NaN)
     keys = hista_key_sets(case["rollout_ids"].long(), case["offsets"], case["key_mask"])
     if key_bias is not None:
         keys &= (key_bias != -math.inf)[None, :]
@@ -115,10 +120,6 @@ def poisoned(case):
         returns[j] = case["poison_value"]
         bad_values = keys[:, j].clone()
     else:
-        if key_bias is None:
-            key_bias = torch.zeros(n)
-        key_bias = key_bias.clone()
-        key_bias[j] = math.nan            # -inf is a legitimate zero weight; NaN poisons
         bad_lse = keys[:, j].clone()
         bad_values = bad_lse.clone()
     return hidden, returns, key_bias, bad_values, bad_lse
@@ -210,6 +211,9 @@ def hista_example(hidden, returns, rollout_ids, offsets, **options):
 @example(hista_example([[0.4516], [-1.3828]], [0.5684, -1.0845], [0, 1], [0, 2], temperature=1e-30, poison="returns",
                        poison_value=math.nan, extreme=True))
 @example(hista_example([[0.4516], [-1.3828]], [0.5684, -1.0845], [0, 1], [0, 2], poison="returns"))
+# test's own rule: a NaN key_bias where the clean one was -inf makes the token a key again
+@example(hista_example([[-1.6149], [2.2759], [-1.5720], [0.9545]], [1.2268, 0.8196, -1.0267, -1.6151], [0, 1, 2, 3],
+                       [0, 3, 4], key_bias=torch.tensor([-math.inf, 1.0253, -math.inf, 0.0931]), poison="key_bias"))
 def test_hista_every_path_matches_the_oracle(case):
     hidden, returns, key_bias, bad_values, bad_lse = poisoned(case)
     for what, values, lse in hista_paths(case, hidden, returns, key_bias):
@@ -342,6 +346,55 @@ def test_numca_values_every_path_matches_the_oracle(case):
             assert out.shape == end.shape and out.dtype == torch.float32, what
             err = float((out.double() - want).abs().max())
             assert err <= 1e-6 * (1 + float(want.abs().max())), (what, err)
+
+
+# --------------------------------------------------------------------------- estimators (integrations)
+@st.composite
+def padded_batches(draw):
+    b, t = draw(st.integers(1, 7)), draw(st.integers(1, 9))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+    mask = torch.rand(b, t, generator=gen) < draw(st.sampled_from([0.5, 0.9, 1.0]))
+    group_index = torch.randint(0, draw(st.integers(1, 3)), (b,), generator=gen)
+    returns = torch.randn(b, generator=gen)
+    d = draw(st.sampled_from([1, 4, 9]))
+    n = int(mask.sum())
+    hidden = torch.randn(n, d, generator=gen).to(draw(st.sampled_from([torch.float32, torch.bfloat16])))
+    return dict(mask=mask, group_index=group_index, returns=returns, hidden=hidden,
+                similarity=draw(st.sampled_from(["cosine", "dot"])), temperature=draw(st.floats(0.05, 3.0)),
+                equal=draw(st.booleans()))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="run in the main process")
+@fuzz_settings(scale=0.5)
+@given(padded_batches())
+def test_hista_estimator_matches_the_oracle(case):
+    """The Hista estimator the integrations call (estimators.builtin.Hista on a RolloutBatch): padded
+    rows -> packed state cells -> the op -> [B, T], against the oracle on the same packed cells."""
+    from sveb_kernels.estimators import Hista, RolloutBatch
+
+    mask, returns = case["mask"], case["returns"]
+    batch = RolloutBatch(torch.zeros(mask.shape, dtype=torch.int64), mask, case["group_index"], returns,
+                         hidden=case["hidden"])
+    for backend in BACKENDS:
+        est = Hista(case["similarity"], case["temperature"], backend=backend, equal_rollout_weight=case["equal"])
+        values = est.estimate(batch)
+        packing = batch.packing
+        rollout_ids = packing.rollout_ids.long()
+        key_bias = None
+        if case["equal"]:
+            lengths = torch.bincount(rollout_ids, minlength=mask.shape[0]).to(torch.float32)
+            key_bias = -torch.log(lengths.clamp_min(1))[rollout_ids]
+        want, _ = hista_oracle(case["hidden"].double(), returns[rollout_ids], rollout_ids, packing.group_offsets,
+                               est.last_temperature, case["similarity"], None, key_bias, 0.0)
+        want = packing.unpack(want.to(torch.float32))
+        assert values.shape == mask.shape
+        err = float((values.double() - want.double()).abs().max())
+        bound = 1e-4 * float(returns.abs().max())
+        if case["similarity"] == "dot":   # logits ~ |h|^2 / temperature in float32
+            bound = max(bound, 4e-7 * float(returns.abs().max()) * float(
+                (case["hidden"].double().norm(dim=1) ** 2).max() if len(case["hidden"]) else 0) /
+                est.last_temperature)
+        assert err <= bound, (backend, err, bound)
 
 
 # ------------------------------------------------------------------------------------ distributed

@@ -359,3 +359,21 @@ def test_fp32_hista_kernel_sums_each_d_chunk_into_a_fresh_accumulator():
     zero_constants = set(re.findall(r"(%\S+) = arith\.constant dense<0\.000000e\+00> : tensor<128x64xf32", ttgir))
     assert dots[0][2].rstrip(" {") in zero_constants, "the chunk's first dot must start from zero"
     assert re.search(r"arith\.addf %\S+#0, %\S+ : tensor<128x64xf32", ttgir), "the chunk is added to the tile"
+
+
+def test_no_reverse_associative_scan_in_triton_kernels():
+    """Issue 20 item 6: reverse `tl.associative_scan`s with non-commutative combines have had GPU-only
+    miscompilations (triton#4362) that the interpreter cannot see (it never runs the multi-warp path).
+    Kernels load a chunk reversed and scan forward instead (as GAE and numeric_spans do)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "sveb_kernels"
+    found = []
+    for path in root.rglob("triton.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "associative_scan"
+                    and any(k.arg == "reverse" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+                            for k in node.keywords)):
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not found, found

@@ -85,6 +85,12 @@ def test_helper_kernels_compile():
                            dict(q_factor="fp32", eps="fp32"),
                            dict(COSINE=True, HAS_MASK=True, HAS_BIAS=True, BLOCK_R=32, BLOCK_D=block_d), 4)
         compile_kernel(ht._combine_kernel, arch, {}, dict(empty_value="fp32"), dict(BLOCK=1024), 4)
+        for offsets in ("*i64", "*i32"):   # the two schedule kernels (issue 20: they replace ~35 torch ops)
+            compile_kernel(ht._schedule_rows_kernel, arch, dict(offsets_ptr=offsets, table_ptr="*i64", items_ptr="*i64"),
+                           {}, dict(BLOCK_M=128, BLOCK_N=64, MIN_SPLIT_KEYS=1024, MAX_SPLITS=16,
+                                    BLOCK=ht._SCHEDULE_BLOCK), 4)
+        compile_kernel(ht._schedule_first_items_kernel, arch, dict(table_ptr="*i64", items_ptr="*i64"), {},
+                       dict(BLOCK=1024), 4)
         compile_kernel(ht._combine_kernel, arch, {}, dict(empty_value="fp32"), dict(BLOCK=1024, N=1, num_splits=1), 4)
         compile_kernel(gt._gae_kernel, arch, {}, dict(gamma_hi="fp32", gamma_lo="fp32", gamma_lam="fp32"), dict(BLOCK_T=16, T=1, NEXT_DTYPE=triton.language.float32), 4)
         for block_t, warps in ((1024, 4), (2048, 8)):

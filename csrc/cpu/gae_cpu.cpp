@@ -21,16 +21,7 @@ constexpr int64_t kLanes = 8;
 void check_gae_args(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask, double gamma,
                     double lam) {
   using namespace checks;
-  TORCH_CHECK_VALUE(rewards.dim() == 2, "rewards must have shape [B, T], got ", rewards.sizes());
-  floating("rewards", rewards);
-  floating("values", values);
-  same_shape("values", values, rewards, "rewards");
-  const at::ScalarType s = mask.scalar_type();
-  TORCH_CHECK_TYPE(s == at::kBool || at::isIntegralType(s, /*includeBool=*/false) || at::isFloatingType(s),
-                   "mask must have dtype bool, an integer or a float dtype, got ", s);
-  same_shape("mask", mask, rewards, "rewards");
-  number_in("gamma", gamma, 0.0, 1.0, /*low_open=*/false);
-  number_in("lam", lam, 0.0, 1.0, /*low_open=*/false);
+  gae_args(rewards, values, mask, gamma, lam);
   TORCH_CHECK_VALUE(rewards.device().is_cpu(),
                     "sveb::_cpp_gae is the cpp backend and needs CPU tensors; got rewards on ", rewards.device());
   on_device_of("values", values, "rewards", rewards);

@@ -174,31 +174,7 @@ void check_hista_args(const at::Tensor& hidden, const at::Tensor& returns, const
                       const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& key_bias,
                       int64_t query_block, int64_t key_block) {
   using namespace checks;
-  TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must have shape [N, D], got ", hidden.sizes());
-  floating("hidden", hidden);
-  const int64_t n = hidden.size(0);
-  TORCH_CHECK_VALUE(hidden.size(1) >= 1, "hidden must have D >= 1 columns, got shape ", hidden.sizes());
-  floating("returns", returns);
-  vector_of("returns", returns, n);
-  TORCH_CHECK_TYPE(dtype_in(rollout_ids, {at::kInt, at::kLong}), "rollout_ids must have dtype int32/int64, got ",
-                   rollout_ids.scalar_type());
-  vector_of("rollout_ids", rollout_ids, n);
-  TORCH_CHECK_TYPE(dtype_in(group_offsets, {at::kInt, at::kLong}), "group_offsets must have dtype int32/int64, got ",
-                   group_offsets.scalar_type());
-  TORCH_CHECK_VALUE(group_offsets.dim() == 1 && group_offsets.size(0) >= (n > 0 ? 2 : 1),
-                    "group_offsets must have shape [G+1] with G >= 1 groups when N > 0, got ", group_offsets.sizes());
-  if (key_mask) {
-    TORCH_CHECK_TYPE(key_mask->scalar_type() == at::kBool, "key_mask must have dtype bool, got ",
-                     key_mask->scalar_type());
-    vector_of("key_mask", *key_mask, n);
-  }
-  if (key_bias) {
-    floating("key_bias", *key_bias);
-    vector_of("key_bias", *key_bias, n);
-  }
-  number_in("temperature", temperature, 0.0, INFINITY, /*low_open=*/true);
-  TORCH_CHECK_VALUE(similarity == "cosine" || similarity == "dot", "similarity must be one of ('cosine', 'dot'), got '",
-                    std::string(similarity), "'");
+  hista_args(hidden, returns, rollout_ids, group_offsets, temperature, similarity, key_mask, key_bias);
   TORCH_CHECK_VALUE(query_block >= 0 && key_block >= 0, "query_block and key_block must be >= 0 (0 = automatic), got ",
                     query_block, " and ", key_block);
   TORCH_CHECK_VALUE(hidden.device().is_cpu(),

@@ -37,8 +37,8 @@ Precision: bf16/fp16 products accumulate in fp32 on tensor cores; fp32 inputs us
 TF32 would miss the fp32 accuracy bound of docs/CONTRACT.md §1; bench/tf32_model.py models both, see
 docs/DESIGN.md "GPU readiness"); fp64 inputs are computed in fp32.
 
-Scheduling across groups of very different sizes: a few small device-side ops sort the groups
-longest first and number their work items (`build_schedule`); nothing is read back on the host, so
+Scheduling across groups of very different sizes: two small device kernels clamp the offsets, sort
+the groups longest first and number their work items (`build_schedule`); nothing is read back on the host, so
 the launch path never synchronises and CUDA-graph capture works. The host knows only a bound on the
 item count (from N and G), so the grid is persistent: min(bound, PROGRAMS_PER_SM * SMs) programs each
 take items pid, pid + P, ... up to the true count, which the schedule's sentinel row holds. Items run
@@ -452,7 +452,73 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_a_ptr, values_ptr, lse_ptr, N, 
     tl.store(lse_ptr + rows, lse, mask=ok)
 
 
-def build_schedule(group_offsets: Tensor, cfg: HistaConfig, n: int) -> tuple[Tensor, int, int]:
+@triton.jit
+def _group_terms(offsets_ptr, g, ok, N):
+    """(start, length) of groups g, offsets clamped to [0, N] on the device (the raw op skips the host
+    checks); groups of fewer than 2 tokens get length 0 (no keys for anyone: no items)."""
+    start = tl.minimum(tl.maximum(tl.load(offsets_ptr + g, mask=ok, other=0).to(tl.int64), 0), N)
+    end = tl.minimum(tl.maximum(tl.load(offsets_ptr + g + 1, mask=ok, other=0).to(tl.int64), 0), N)
+    length = tl.maximum(end - start, 0)
+    return start, tl.where(ok & (length > 1), length, 0)
+
+
+@triton.jit
+def _schedule_rows_kernel(offsets_ptr, table_ptr, items_ptr, num_groups, N,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr,
+                          MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    # Each group's row goes to its rank in the longest-first order (a stable descending sort by
+    # counting: rank = #longer groups + #equal groups before it), O(G^2 / BLOCK) per program; the
+    # host uses this kernel only up to SCHEDULE_KERNEL_GROUPS groups.
+    g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = g < num_groups
+    start, length = _group_terms(offsets_ptr, g, ok, N)
+    rank = tl.zeros((BLOCK,), tl.int64)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    for h0 in range(0, loop_bound(num_groups), BLOCK):
+        h = h0 + lanes
+        h_ok = h < num_groups
+        h_start, h_len = _group_terms(offsets_ptr, h, h_ok, N)
+        first = h_ok[None, :] & ((h_len[None, :] > length[:, None])
+                                 | ((h_len[None, :] == length[:, None]) & (h[None, :] < g[:, None])))
+        rank += tl.sum(first.to(tl.int64), axis=1)
+    splits = tl.minimum(tl.maximum((length + MIN_SPLIT_KEYS - 1) // MIN_SPLIT_KEYS, 1), MAX_SPLITS)
+    split_len = (length + splits - 1) // splits
+    split_len = tl.maximum((split_len + BLOCK_N - 1) // BLOCK_N * BLOCK_N, BLOCK_N)  # whole key tiles
+    splits = (length + split_len - 1) // split_len  # 0 for the groups without items
+    items = (length + BLOCK_M - 1) // BLOCK_M * splits
+    row = table_ptr + rank * _SCHED_COLS
+    tl.store(row, start, mask=ok)
+    tl.store(row + 1, length, mask=ok)
+    tl.store(row + 3, splits, mask=ok)
+    tl.store(row + 4, split_len, mask=ok)
+    tl.store(items_ptr + rank, items, mask=ok)
+
+
+@triton.jit
+def _schedule_first_items_kernel(table_ptr, items_ptr, num_groups, BLOCK: tl.constexpr):
+    # One program: first item id of each ranked row (an exclusive prefix sum, chunk by chunk with a
+    # carry), then the sentinel row whose first-item column is the total.
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    carry = tl.zeros((), tl.int64)
+    for r0 in range(0, loop_bound(num_groups), BLOCK):
+        r = r0 + lanes
+        ok = r < num_groups
+        items = tl.load(items_ptr + r, mask=ok, other=0)
+        tl.store(table_ptr + r * _SCHED_COLS + 2, carry + tl.cumsum(items, 0) - items, mask=ok)
+        carry += tl.sum(items, 0)
+    sentinel = table_ptr + num_groups * _SCHED_COLS + lanes
+    tl.store(sentinel, tl.where(lanes == 2, carry, 0), mask=lanes < _SCHED_COLS)
+
+
+# Up to this many groups the schedule is two Triton kernels (a counting sort, O(G^2) comparisons:
+# 1.7e7 at 4096 groups); beyond, the device-side torch pipeline of `build_schedule` (O(G log G),
+# ~35 small kernels). Both clamp the offsets and never read them on the host.
+SCHEDULE_KERNEL_GROUPS = 4096
+_SCHEDULE_BLOCK = 64
+
+
+def build_schedule(group_offsets: Tensor, cfg: HistaConfig, n: int, *, kernels: Optional[bool] = None
+                   ) -> tuple[Tensor, int, int]:
     """Per-group work table on group_offsets' device, built without reading it on the host (CUDA-graph
     capture must work): int64 [G+1, 5] rows of (start, length, first item id, key splits, keys per
     split), longest group first, then a sentinel row whose first-item column is the total number of
@@ -460,8 +526,28 @@ def build_schedule(group_offsets: Tensor, cfg: HistaConfig, n: int) -> tuple[Ten
     splits of any group (for the partial buffers).
 
     Groups of fewer than 2 tokens have no keys for anyone and get no items (their rows keep the
-    empty value); they sort last. Cost: O(G log G) on the device, a few small kernels.
+    empty value); they sort last. Offsets are clamped to [0, N] on the device, so offsets that break
+    the contract (the raw op skips the host checks) give wrong-but-bounded results, never wild
+    accesses. Cost: two Triton launches up to SCHEDULE_KERNEL_GROUPS groups (`kernels=None`), else
+    the torch pipeline below (`kernels=False` forces it; O(G log G), ~35 small kernels).
     """
+    num_groups = group_offsets.numel() - 1
+    if kernels is None:
+        kernels = num_groups <= SCHEDULE_KERNEL_GROUPS
+    if kernels:
+        most = max(1, cfg.max_splits)
+        split_bound = min(most, max(1, -(-n // cfg.min_split_keys)))
+        item_bound = -(-split_bound * n // cfg.block_m) + -(-n // cfg.min_split_keys) + max(num_groups, 0)
+        device = group_offsets.device
+        offsets = group_offsets.detach().contiguous()
+        table = torch.empty((max(num_groups, 0) + 1, 5), dtype=torch.int64, device=device)
+        items = torch.empty(max(num_groups, 1), dtype=torch.int64, device=device)
+        if num_groups > 0:
+            _schedule_rows_kernel[(triton.cdiv(num_groups, _SCHEDULE_BLOCK),)](
+                offsets, table, items, num_groups, n, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                MIN_SPLIT_KEYS=cfg.min_split_keys, MAX_SPLITS=most, BLOCK=_SCHEDULE_BLOCK, num_warps=4)
+        _schedule_first_items_kernel[(1,)](table, items, max(num_groups, 0), BLOCK=1024, num_warps=4)
+        return table, item_bound, split_bound
     # The raw op skips the host checks (torch.compile, graph capture, torch.ops.sveb.hista_values):
     # offsets outside [0, N] or out of order are made a valid table on the device, so every index the
     # kernels derive stays inside the buffers (docs/DESIGN.md "Memory safety without checks").

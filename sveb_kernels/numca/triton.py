@@ -168,7 +168,10 @@ def _spans_kernel(ids_ptr, mask_ptr, table_ptr, fdelta_ptr, bdelta_ptr, pow_ptr,
     tl.store(carry_ptr + row * n_chunks + n_chunks - 1, carry_b.to(tl.int32))
     for cc in range(1, loop_bound(n_chunks)):
         c = n_chunks - cc
-        t = c * BLOCK_T + lane
+        # The chunk loaded reversed (lane 0 = its last token) and scanned forward: a reverse scan with
+        # a non-commutative combine has had GPU-only miscompilations (triton#4362), and the interpreter
+        # never runs the multi-warp path. The whole chunk's map is then the last lane.
+        t = c * BLOCK_T + (BLOCK_T - 1 - lane)
         inside = t < T
         tid = tl.load(ids_row + t, mask=inside, other=0).to(tl.int64)
         ok = inside & (tid >= 0) & (tid < V)
@@ -176,8 +179,8 @@ def _spans_kernel(ids_ptr, mask_ptr, table_ptr, fdelta_ptr, bdelta_ptr, pow_ptr,
             ok &= tl.load(mask_ptr + row * T + t, mask=inside, other=0) != 0
         meta = tl.load(table_ptr + tl.where(ok, tid, 0) * COLS + 1, mask=ok, other=SEPARATOR_META)
         vec = tl.where(inside, meta & 0x1FFFFF, bwd_identity)
-        whole = tl.associative_scan(vec, 0, _then_bwd, reverse=True)
-        comp = tl.sum(tl.where(lane == 0, whole, 0), axis=0)
+        whole = tl.associative_scan(vec, 0, _then_bwd)
+        comp = tl.sum(tl.where(lane == BLOCK_T - 1, whole, 0), axis=0)
         carry_b = (comp >> (3 * carry_b)) & 7
         tl.store(carry_ptr + row * n_chunks + c - 1, carry_b.to(tl.int32))
     # A scalar store is done by one thread and pass 2 reads it back in every thread: without a
@@ -214,15 +217,17 @@ def _spans_kernel(ids_ptr, mask_ptr, table_ptr, fdelta_ptr, bdelta_ptr, pow_ptr,
         fout = (fvec >> (4 * fin)) & 15  # ... and at its end
 
         carry_b = tl.load(carry_ptr + row * n_chunks + c).to(tl.int64)
-        tn = t + 1
-        okn = (lane < BLOCK_T - 1) & (tn < T)
+        # The next tokens' backward maps, loaded reversed (lane k holds the map of token c*B + B - k)
+        # and scanned forward, then flipped back: no reverse scan (see pass 1).
+        tn = c * BLOCK_T + (BLOCK_T - lane)
+        okn = (lane > 0) & (tn < T)
         nid = tl.load(ids_row + tn, mask=okn, other=0).to(tl.int64)
         vn = okn & (nid >= 0) & (nid < V)
         if HAS_MASK:
             vn &= tl.load(mask_ptr + row * T + tn, mask=okn, other=0) != 0
         bnext = tl.load(table_ptr + tl.where(vn, nid, 0) * COLS + 1, mask=vn, other=SEPARATOR_META) & 0x1FFFFF
         bnext = tl.where(okn, bnext, bwd_identity)
-        bscan = tl.associative_scan(bnext, 0, _then_bwd, reverse=True)
+        bscan = tl.flip(tl.associative_scan(bnext, 0, _then_bwd), 0)
         bout = ((bscan >> (3 * carry_b)) & 7).to(tl.int32)  # backward state at each token's end
 
         # ---- per class of the tokens holding digits ---------------------------------------------------

@@ -335,3 +335,22 @@ def test_nonfinite_inputs_poison_exactly_their_dependents(seed, poison, similari
               config=config, similarity=similarity, **kw)
     clean["similarity"] = similarity
     check_hista_nonfinite(out, clean, bad_values, bad_lse, poison)
+
+
+def test_schedule_kernels_equal_the_torch_pipeline(seed):
+    """The two-kernel schedule (counting sort on the device, issue 20: ~35 small torch ops before) gives
+    the torch pipeline's table for valid offsets, and bounded rows for offsets that break the contract."""
+    for _ in range(20):
+        cfg = replace(kernels().INTERPRETER_CONFIG, block_m=int(2 ** torch.randint(4, 8, ())),
+                      block_n=int(2 ** torch.randint(4, 8, ())), min_split_keys=int(torch.randint(1, 300, ())),
+                      max_splits=int(torch.randint(1, 20, ())))
+        lengths = torch.randint(0, int(torch.randint(1, 600, ())), (int(torch.randint(0, 150, ())),))
+        lengths[torch.rand(len(lengths)) < 0.3] = 7                      # ties keep their order
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(DEVICE)
+        n = int(offsets[-1])
+        fast = kernels().build_schedule(offsets, cfg, n, kernels=True)
+        slow = kernels().build_schedule(offsets, cfg, n, kernels=False)
+        assert torch.equal(fast[0].cpu(), slow[0].cpu()) and fast[1:] == slow[1:]
+    bad = torch.tensor([5, -3, 10 ** 12, 4, 2 ** 40], device=DEVICE)
+    table = kernels().build_schedule(bad, cfg, 50, kernels=True)[0].cpu()
+    assert ((table[:-1, 0] >= 0) & (table[:-1, 0] <= 50) & (table[:-1, 0] + table[:-1, 1] <= 50)).all()
