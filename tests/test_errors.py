@@ -82,11 +82,14 @@ def test_numpy_scalars_are_accepted():
     assert torch.equal(sk.gae(**g, gamma=np.float64(0.9), lam=np.float32(0.5))[0], sk.gae(**g, gamma=0.9, lam=0.5)[0])
 
 
-def test_outputs_carry_no_gradient():
+def test_gae_outputs_carry_no_gradient_and_hista_outputs_do():
+    """GAE's outputs are targets (constants for the policy loss); Hista is differentiable with respect
+    to hidden and returns (docs/CONTRACT.md §1), so LearnedHista can train through it."""
     args = hista_args()
     hidden = args.pop("hidden").requires_grad_()
     out = sk.hista_values(hidden, **args)
-    assert not out.values.requires_grad and not out.lse.requires_grad
+    assert out.values.requires_grad and out.lse.requires_grad
+    assert not sk.hista_values(hidden.detach(), **args).values.requires_grad
     g = gae_args()
     values = g.pop("values").requires_grad_()
     adv, ret = sk.gae(values=values, **g)
