@@ -126,8 +126,9 @@ def _has_path(obj, path) -> bool:
 
 
 # --------------------------------------------------------------------------- files and links
-# Files a link may name before they exist (none today; an existing file is checked as usual).
-PENDING_FILES: set[str] = set()
+# Files a documented script writes and git ignores (the RL experiment's warm-start weights, rebuilt
+# deterministically): the docs may name them in a clean clone.
+GENERATED_FILES = {"bench/results/rl_credit/warm.pt"}
 PATH = re.compile(r"(?<![\w/.-])((?:sveb_kernels|docs|bench|examples|tests|csrc|\.ci)/[\w./{},*-]*)")
 
 
@@ -147,7 +148,7 @@ def test_every_repository_path_the_docs_name_exists(doc):
     for raw in PATH.findall(doc.read_text()):
         raw = raw.rstrip(".,")
         found.update(_expand(raw))
-    missing = sorted(p for p in found if p not in PENDING_FILES
+    missing = sorted(p for p in found if p not in GENERATED_FILES
                      and not (any(ROOT.glob(p)) if "*" in p else (ROOT / p).exists()))
     assert not missing, f"{doc.name} names files that do not exist: {missing}"
 
@@ -158,7 +159,7 @@ def test_every_relative_link_resolves(doc):
     links = re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text)
     targets = {(doc.parent / link).resolve() for link in links if "://" not in link}
     missing = sorted(str(t.relative_to(ROOT)) for t in targets
-                     if not t.exists() and str(t.relative_to(ROOT)) not in PENDING_FILES)
+                     if not t.exists() and str(t.relative_to(ROOT)) not in GENERATED_FILES)
     assert not missing, f"{doc.name} links to missing files: {missing}"
 
 
