@@ -88,8 +88,12 @@ SLIPS = (1, -1, 10, -10)
 MAX_OPERAND = 9
 
 
+REWARDS = ("chain", "progress")
+
+
 @dataclass
 class Config:
+    reward: str = "chain"           # "chain": 1 iff the whole chain is right; "progress": the share of leading right lines
     lines: int = 8
     slip: float = 0.08
     width: int = 128
@@ -116,6 +120,11 @@ class Config:
     @property
     def completion_len(self) -> int:
         return self.lines * TOKENS_PER_LINE
+
+
+# The third attempt's testbed (docs/RL_EXPERIMENT_PROGRESS.md): the same task, model and warm start, the
+# reward "progress"; its steps-to-threshold level and Hista settings were fixed before RL (warm start only).
+PROGRESS_SETTINGS = {"reward": "progress", "threshold": 0.85, "hista_layer": 1, "hista_temperature": 0.03}
 
 
 def quick_config() -> Config:
@@ -258,23 +267,56 @@ def completion_logprobs(model: TinyGPT, ids: torch.Tensor):
     return logp, [h[:, PROMPT_LEN - 1:] for h in hidden]
 
 
+def first_wrong(rollouts: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+    """[B] index of each row's first wrong completion token; C (the length) for a right chain."""
+    wrong = rollouts != correct
+    return torch.where(wrong.any(dim=1), wrong.to(torch.int64).argmax(dim=1), rollouts.shape[1])
+
+
+def rewards_of(rollouts: torch.Tensor, correct: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """[B] float64. "chain": 1 iff every token is right. "progress": the share of lines written
+    right before the first wrong token (a line counts once all 6 of its tokens are right)."""
+    w = first_wrong(rollouts, correct)
+    if cfg.reward == "chain":
+        return (w == rollouts.shape[1]).double()
+    return (w // TOKENS_PER_LINE).double() / cfg.lines
+
+
 @torch.no_grad()
 def exact_values(model: TinyGPT, pairs: np.ndarray, cfg: Config) -> torch.Tensor:
     """[P, C] float64: V(s_t) of the state before completion token t on the correct chain of each
-    prompt, i.e. the probability that the policy completes it correctly from there."""
+    prompt, the expected reward of the policy from there. With q_u = pi(y*_u | y*_<u):
+
+        chain:    V(s_t) = prod_{u >= t} q_u
+        progress: V(s_t) = (m_t + sum_{k: e_k >= t} prod_{u=t}^{e_k} q_u) / lines,
+
+    m_t = t // 6 the lines already complete, e_k the last token of line k: line k counts iff
+    every token up to e_k is right, and a wrong token ends all further credit."""
     model.eval()
     ids = torch.cat([prompt_tokens(pairs), chain_tokens(pairs, cfg.lines)], dim=1)
     logp, _ = completion_logprobs(model, ids)
-    return torch.exp(logp.double().flip(1).cumsum(1).flip(1))
+    suffix = torch.cat([logp.double().flip(1).cumsum(1).flip(1), torch.zeros((len(pairs), 1), dtype=torch.float64)], 1)
+    if cfg.reward == "chain":
+        return torch.exp(suffix[:, :-1])
+    t = torch.arange(cfg.completion_len)
+    ends = torch.arange(cfg.lines) * TOKENS_PER_LINE + TOKENS_PER_LINE - 1
+    ahead = ends[None, :] >= t[:, None]  # [C, lines]: line k still open at state t
+    # log prod_{u=t}^{e_k} q_u = suffix[t] - suffix[e_k + 1]
+    reach = torch.exp(suffix[:, :-1, None] - suffix[:, None, ends + 1]) * ahead[None]
+    return ((t // TOKENS_PER_LINE).double()[None] + reach.sum(-1)) / cfg.lines
 
 
-def rollout_values(correct_values: torch.Tensor, rollouts: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+def rollout_values(correct_values: torch.Tensor, rollouts: torch.Tensor, correct: torch.Tensor,
+                   cfg: Config | None = None) -> torch.Tensor:
     """[B, C] exact V(s_t) of each rollout's states: the correct-chain value while every token
-    before t is correct, 0 after the first wrong token. rollouts/correct: [B, C] completion ids;
-    correct_values: [B, C] the correct chain's values of each row's prompt."""
+    before t is right; after the first wrong token the reward is settled: 0 for "chain", the lines
+    finished before it for "progress". rollouts/correct: [B, C] completion ids; correct_values:
+    [B, C] the correct chain's values of each row's prompt."""
     wrong = (rollouts != correct).to(torch.int64)
     wrong_before = torch.cumsum(wrong, dim=1) - wrong  # wrong tokens among 0..t-1
-    return torch.where(wrong_before == 0, correct_values, torch.zeros_like(correct_values))
+    settled = (torch.zeros_like(correct_values) if cfg is None or cfg.reward == "chain" else
+               rewards_of(rollouts, correct, cfg)[:, None].expand_as(correct_values))
+    return torch.where(wrong_before == 0, correct_values, settled)
 
 
 def success_rate(model: TinyGPT, pairs: np.ndarray, samples: int, cfg: Config, seed: int) -> float:
@@ -420,7 +462,7 @@ def run_one(arm: str, seed: int, cfg: Config, warm_state: dict, log) -> dict:
         ids = sample(model, prompt_tokens(pairs), cfg.group, cfg.completion_len, gen)
         correct = chain_tokens(pairs, cfg.lines).repeat_interleave(cfg.group, dim=0)
         rollouts = ids[:, PROMPT_LEN:]
-        rewards = (rollouts == correct).all(dim=1).double()
+        rewards = rewards_of(rollouts, correct, cfg)
         model.train()
         logp, hidden = completion_logprobs(model, ids)
         t1 = time.perf_counter()
@@ -428,7 +470,7 @@ def run_one(arm: str, seed: int, cfg: Config, warm_state: dict, log) -> dict:
         oracle_arm = arm in ("oracle", "oracle_td")
         if oracle_arm or step % cfg.diag_every == 0:
             truth = rollout_values(exact_values(model, pairs, cfg).repeat_interleave(cfg.group, dim=0),
-                                   rollouts, correct)
+                                   rollouts, correct, cfg)
         t_truth = time.perf_counter() - t1
         batch = estimators.batch(ids, rewards, group, hidden[cfg.hista_layer - 1].detach())
         t1 = time.perf_counter()
@@ -642,6 +684,7 @@ def report(out: str, cfg: Config, log, stem: str = "rl_credit") -> dict:
         if name.endswith(".json"):
             with open(os.path.join(run_dir, name)) as f:
                 run = json.load(f)
+            run["config"].setdefault("reward", "chain")  # runs made before rewards other than "chain" existed
             if run["config"] == json.loads(json.dumps(asdict(cfg))):
                 runs.append(run)
             else:
@@ -706,7 +749,11 @@ def parse_args(argv=None):
 
 
 def make_config(a) -> Config:
+    if a.reward is not None and a.reward not in REWARDS:
+        raise SystemExit(f"--reward must be one of {REWARDS}, got {a.reward!r}")
     cfg = quick_config() if a.quick else Config()
+    if a.reward == "progress" and not a.quick:  # the third attempt's frozen settings; flags still override them
+        cfg = Config(**{**asdict(cfg), **PROGRESS_SETTINGS})
     for f in fields(Config):
         if f.name != "quick" and getattr(a, f.name) is not None:
             setattr(cfg, f.name, getattr(a, f.name))
@@ -723,14 +770,14 @@ def hista_choice(cfg: Config, warm_state: dict, log, prompts: int = 32,
     pairs = draw_prompts(np.random.default_rng(555), prompts, held_out=False)
     ids = sample(model, prompt_tokens(pairs), cfg.group, cfg.completion_len, torch.Generator().manual_seed(555))
     correct = chain_tokens(pairs, cfg.lines).repeat_interleave(cfg.group, dim=0)
-    rewards = (ids[:, PROMPT_LEN:] == correct).all(dim=1).double()
+    rewards = rewards_of(ids[:, PROMPT_LEN:], correct, cfg)
     truth = rollout_values(exact_values(model, pairs, cfg).repeat_interleave(cfg.group, dim=0), ids[:, PROMPT_LEN:],
-                           correct)
+                           correct, cfg)
     _, hidden = completion_logprobs(model, ids)
     group = torch.arange(prompts).repeat_interleave(cfg.group)
     mask = decision_mask(cfg)[None].expand_as(truth)
     g = group[:, None].expand_as(truth)[mask].numpy()
-    out = {"success": float(rewards.mean()), "rollouts": int(ids.shape[0]), "scores": {}}
+    out = {"mean_reward": float(rewards.mean()), "success": float((rewards == 1).double().mean()), "rollouts": int(ids.shape[0]), "scores": {}}
     from sveb_kernels.estimators import Hista
 
     est = Estimators(cfg)
@@ -766,7 +813,13 @@ def score_norms(cfg: Config, warm_state: dict, log, prompts: int = 32) -> dict:
     first_wrong = wrong & ((wrong.cumsum(1) - wrong.long()) == 0)
     before = ~wrong & (wrong.cumsum(1) == 0) & wrong.any(1)[:, None]
     results = before & decision_mask(cfg)[None]
-    out = {"success": float((~wrong.any(1)).double().mean()),
+    rewards = rewards_of(roll, correct, cfg)
+    failed = wrong.any(1)
+    grpo = rewards - rewards.view(prompts, -1).mean(1).repeat_interleave(cfg.group)
+    out = {"success": float((~wrong.any(1)).double().mean()), "mean_reward": float(rewards.mean()),
+           # GRPO gives every token of a rollout R - mean(group): positive on a failed rollout's first
+           # wrong token when it got further than its group did (never under "chain")
+           "grpo_pushes_up_first_error": float((grpo[failed] > 0).double().mean()),
            "norm_first_wrong": float(norm[first_wrong].mean()), "norm_correct_results_before": float(norm[results].mean()),
            "norm_other_tokens_before": float(norm[before & ~results].mean()),
            "pi_first_wrong": float(pi[first_wrong].mean()), "pi_correct_results_before": float(pi[results].mean()),
@@ -789,11 +842,12 @@ def main(argv=None) -> dict:
         warm_path = os.path.join(a.out, "warm.pt")
         warm_state, history = load_or_make_warm(cfg, warm_path, log)
         warm_json = os.path.join(a.out, "warm.json")
-        if not os.path.exists(warm_json) or json.load(open(warm_json)).get("key") != warm_key(cfg):
+        stale = lambda info: info.get("key") != warm_key(cfg) or info.get("reward", "chain") != cfg.reward
+        if not os.path.exists(warm_json) or stale(json.load(open(warm_json))):
             model = build_model(cfg)
             model.load_state_dict(warm_state)
             held = draw_prompts(np.random.default_rng(4321), cfg.eval_prompts, held_out=True)
-            info = {"key": warm_key(cfg), "history": history,
+            info = {"key": warm_key(cfg), "reward": cfg.reward, "history": history,
                     "held_out_success": success_rate(model, held, cfg.eval_samples, cfg, seed=10_000),
                     "hista_choice": hista_choice(cfg, warm_state, log, prompts=4 if cfg.quick else 32)}
             with open(warm_json, "w") as f:

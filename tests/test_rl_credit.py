@@ -110,6 +110,53 @@ def test_exact_values_match_monte_carlo_continuations(rc, trained):
     assert (values[1, 5:] == 0).all()
 
 
+def test_progress_values_match_monte_carlo_continuations(rc, trained):
+    """The "progress" reward (share of lines right before the first wrong token): the closed form
+    against the mean reward of N sampled continuations of correct prefixes, at line starts, inside
+    lines and at the last state; after a wrong token the value is the lines already finished."""
+    cfg, model = trained
+    cfg = rc.Config(**{**rc.asdict(cfg), "reward": "progress"})
+    pairs = np.array([[17, 36]])
+    correct = rc.chain_tokens(pairs, cfg.lines)
+    v = rc.exact_values(model, pairs, cfg)[0]
+    n = 2000
+    gen = torch.Generator().manual_seed(1)
+    prompt = rc.prompt_tokens(pairs)
+    for t in (0, 3, 6, 10, 13, cfg.completion_len - 1):
+        prefix = torch.cat([prompt, correct[:, :t]], dim=1)
+        ids = rc.sample(model, prefix, n, cfg.completion_len - t, gen)
+        r = rc.rewards_of(ids[:, rc.PROMPT_LEN:], correct.expand(n, -1), cfg)
+        assert r.unique().numel() > 1, "the continuations should differ in reward"
+        sd = math.sqrt(max(float(r.var()), 1e-4) / n)
+        assert abs(float(r.mean()) - float(v[t])) < 5 * sd + 1e-3, (t, float(r.mean()), float(v[t]))
+    # a plain loop over the definition: V = (lines done + sum over open lines of P(reach its end)) / lines
+    q = torch.exp(rc.completion_logprobs(model, torch.cat([prompt, correct], 1))[0][0].detach().double())
+    for t in range(cfg.completion_len):
+        expected = t // 6 + sum(float(torch.prod(q[t:6 * k + 6])) for k in range(cfg.lines) if 6 * k + 5 >= t)
+        assert float(v[t]) == pytest.approx(expected / cfg.lines, rel=1e-9)
+    # a wrong token in line 1 (token 8): the value after it is line 0 only, 1/3
+    rollouts = correct.repeat(2, 1)
+    rollouts[1, 8] = (rollouts[1, 8] + 1) % 100
+    values = rc.rollout_values(v[None].repeat(2, 1), rollouts, correct.repeat(2, 1), cfg)
+    torch.testing.assert_close(values[0], v)
+    torch.testing.assert_close(values[1, :9], v[:9])
+    assert (values[1, 9:] == 1 / 3).all()
+    assert rc.rewards_of(rollouts, correct.repeat(2, 1), cfg).tolist() == [1.0, 1 / 3]
+
+
+def test_rewards_of_each_kind(rc):
+    correct = torch.arange(12).repeat(4, 1)
+    rollouts = correct.clone()
+    rollouts[1, 0] = 99   # first token of line 0
+    rollouts[2, 11] = 99  # last token of line 1
+    rollouts[3, 6] = 99   # first token of line 1, and a later one
+    rollouts[3, 9] = 98
+    chain = rc.rewards_of(rollouts, correct, rc.Config(lines=2, reward="chain"))
+    progress = rc.rewards_of(rollouts, correct, rc.Config(lines=2, reward="progress"))
+    assert chain.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert progress.tolist() == [1.0, 0.0, 0.5, 0.5]
+
+
 def test_advantage_scaling_gives_all_equal_groups_zero_signal(rc):
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
     group = torch.arange(2).repeat_interleave(4)
@@ -235,3 +282,32 @@ def test_score_norms_and_the_td_arms(rc, tmp_path):
     assert {"oracle_td", "numca_td", "hista_td"} <= set(td["arms"]) and "gate_td" in td
     assert td["gate_td"]["control"] == "oracle_td" and "verdict" in td["gains"]["hista_td"]
     assert os.path.exists(os.path.join(out, "rl_credit_td.md"))
+
+
+def test_progress_reward_end_to_end_and_old_run_files(rc, tmp_path):
+    """--reward progress trains and reports with fractional rewards; a run file written before the
+    reward option existed (no "reward" in its config) still counts as a "chain" run."""
+    out = str(tmp_path)
+    norms = rc.main(["--quick", "--reward", "progress", "--out", out, "--score-norms"])
+    assert 0.0 <= norms["grpo_pushes_up_first_error"] <= 1.0 or math.isnan(norms["grpo_pushes_up_first_error"])
+    summary = rc.main(["--quick", "--reward", "progress", "--out", out, "--seeds", "0", "--arms", "grpo,oracle"])
+    assert set(summary["arms"]) == {"grpo", "oracle"}
+    with open(os.path.join(out, "runs", "oracle-s0.json")) as f:
+        run = json.load(f)
+    assert run["config"]["reward"] == "progress"
+    for s in run["steps"]:
+        assert 0 <= s["mean_reward"] <= 1
+    with open(os.path.join(out, "warm.json")) as f:
+        assert json.load(f)["reward"] == "progress"
+    with pytest.raises(SystemExit):
+        rc.main(["--quick", "--reward", "partial", "--out", out])
+    # an old-style chain run file in a fresh folder: reported as "chain"
+    old = str(tmp_path / "old")
+    os.makedirs(os.path.join(old, "runs"))
+    run["arm"] = "grpo"
+    run["config"] = rc.asdict(rc.quick_config())
+    del run["config"]["reward"]
+    with open(os.path.join(old, "runs", "grpo-s0.json"), "w") as f:
+        json.dump(run, f)
+    assert set(rc.main(["--quick", "--out", old, "--report-only"])["arms"]) == {"grpo"}
+    assert rc.main(["--quick", "--reward", "progress", "--out", old, "--report-only"]) == {}
