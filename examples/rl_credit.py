@@ -96,6 +96,7 @@ class Config:
     reward: str = "chain"           # "chain": 1 iff the whole chain is right; "progress": the share of leading right lines
     lines: int = 8
     slip: float = 0.08
+    slip_profile: str = "flat"      # "flat": every line slips with `slip`; "ramp": line k (0-based) with slip (k+1)/lines
     width: int = 128
     layers: int = 2
     heads: int = 4
@@ -122,9 +123,11 @@ class Config:
         return self.lines * TOKENS_PER_LINE
 
 
-# The third attempt's testbed (docs/RL_EXPERIMENT_PROGRESS.md): the same task, model and warm start, the
-# reward "progress"; its steps-to-threshold level and Hista settings were fixed before RL (warm start only).
-PROGRESS_SETTINGS = {"reward": "progress", "threshold": 0.85, "hista_layer": 1, "hista_temperature": 0.03}
+# The third attempt's testbed (docs/RL_EXPERIMENT_PROGRESS.md, section 2), frozen before its grid ran: the
+# same task and model, the reward "progress", a warm start whose results slip more often (0.2 per line),
+# the GRPO-only pilot's learning rate, and Hista's layer and temperature chosen on warm-start rollouts.
+PROGRESS_SETTINGS = {"reward": "progress", "slip": 0.2, "warm_steps": 1500, "warm_target": 1.0, "lr": 1e-3,
+                     "threshold": 0.6, "hista_layer": 1, "hista_temperature": 0.01}
 
 
 def quick_config() -> Config:
@@ -170,8 +173,17 @@ def chain_tokens(pairs: np.ndarray, lines: int, slips: np.ndarray | None = None)
     return out
 
 
-def demo_slips(rng: np.random.Generator, n: int, lines: int, p: float) -> np.ndarray:
-    slipped = rng.random((n, lines)) < p
+def line_slip_probabilities(cfg: Config) -> np.ndarray:
+    """[lines] the demonstrations' slip probability of each line: later steps of a long derivation
+    are the error-prone ones under "ramp"."""
+    if cfg.slip_profile == "ramp":
+        return cfg.slip * np.arange(1, cfg.lines + 1) / cfg.lines
+    return np.full(cfg.lines, cfg.slip)
+
+
+def demo_slips(rng: np.random.Generator, n: int, lines: int, p) -> np.ndarray:
+    """[n, lines] slips (0: none); p is one probability or one per line."""
+    slipped = rng.random((n, lines)) < np.broadcast_to(np.asarray(p, dtype=np.float64), (lines,))
     return np.where(slipped, np.array(SLIPS)[rng.integers(0, len(SLIPS), size=(n, lines))], 0)
 
 
@@ -338,7 +350,8 @@ def warm_start(cfg: Config, log) -> tuple[dict, list]:
         model.train()
         pairs = draw_prompts(rng, cfg.warm_batch, held_out=False)
         ids = torch.cat([prompt_tokens(pairs), chain_tokens(pairs, cfg.lines,
-                                                            demo_slips(rng, len(pairs), cfg.lines, cfg.slip))], 1)
+                                                            demo_slips(rng, len(pairs), cfg.lines,
+                                                                       line_slip_probabilities(cfg)))], 1)
         for group in opt.param_groups:  # linear warm-up over the first 50 steps
             group["lr"] = cfg.warm_lr * min(1.0, step / 50)
         logp, _ = completion_logprobs(model, ids)
@@ -358,14 +371,14 @@ def warm_start(cfg: Config, log) -> tuple[dict, list]:
 
 
 def warm_key(cfg: Config) -> dict:
-    return {k: getattr(cfg, k) for k in ("lines", "slip", "width", "layers", "heads", "warm_steps", "warm_target",
+    return {k: getattr(cfg, k) for k in ("lines", "slip", "slip_profile", "width", "layers", "heads", "warm_steps", "warm_target",
                                          "warm_batch", "warm_lr", "warm_check")}
 
 
 def load_or_make_warm(cfg: Config, path: str, log) -> tuple[dict, list]:
     if os.path.exists(path):
         cached = torch.load(path, weights_only=False)
-        if cached["key"] == warm_key(cfg):
+        if {"slip_profile": "flat", **cached["key"]} == warm_key(cfg):  # keys from before slip_profile existed
             log(f"warm start: loaded {path} (success at its last check {cached['history'][-1]['success']:.3f})")
             return cached["state"], cached["history"]
     state, history = warm_start(cfg, log)
@@ -684,7 +697,8 @@ def report(out: str, cfg: Config, log, stem: str = "rl_credit") -> dict:
         if name.endswith(".json"):
             with open(os.path.join(run_dir, name)) as f:
                 run = json.load(f)
-            run["config"].setdefault("reward", "chain")  # runs made before rewards other than "chain" existed
+            # runs made before these options existed
+            run["config"] = {"reward": "chain", "slip_profile": "flat", **run["config"]}
             if run["config"] == json.loads(json.dumps(asdict(cfg))):
                 runs.append(run)
             else:
@@ -733,8 +747,10 @@ def _worker(job):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="results folder (runs/ holds one file per arm and seed)")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ALL_ARMS)}")
-    p.add_argument("--report-name", default="rl_credit", help="stem of the report files <out>/<stem>.{csv,json,png,md}")
+    p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ALL_ARMS)} (default: "
+                   f"{','.join(ARMS)}; with --reward progress every arm)")
+    p.add_argument("--report-name", default=None, help="stem of the report files <out>/<stem>.{csv,json,png,md} "
+                   "(default: rl_credit, or rl_credit_progress with --reward progress)")
     p.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds")
     p.add_argument("--jobs", type=int, default=1, help="processes (one thread each)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 3 steps: checks plumbing")
@@ -762,7 +778,7 @@ def make_config(a) -> Config:
 
 @torch.no_grad()
 def hista_choice(cfg: Config, warm_state: dict, log, prompts: int = 32,
-                 layers=None, temperatures=(0.03, 0.1, 0.3, 1.0)) -> dict:
+                 layers=None, temperatures=(0.01, 0.03, 0.1, 0.3, 1.0)) -> dict:
     """Decision-token within-group Pearson against the exact values on warm-start rollouts, for
     every (layer, temperature), with Numca and the leave-one-out mean for scale."""
     model = build_model(cfg)
@@ -834,6 +850,10 @@ def main(argv=None) -> dict:
     cfg = make_config(a)
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
+    if a.report_name is None:
+        a.report_name = "rl_credit_progress" if cfg.reward == "progress" else "rl_credit"
+    if a.arms is None:
+        a.arms = ",".join(ALL_ARMS if cfg.reward == "progress" else ARMS)
     if a.report_only:
         return report(a.out, cfg, log, a.report_name)
     threads = torch.get_num_threads()
@@ -842,7 +862,8 @@ def main(argv=None) -> dict:
         warm_path = os.path.join(a.out, "warm.pt")
         warm_state, history = load_or_make_warm(cfg, warm_path, log)
         warm_json = os.path.join(a.out, "warm.json")
-        stale = lambda info: info.get("key") != warm_key(cfg) or info.get("reward", "chain") != cfg.reward
+        stale = lambda info: ({"slip_profile": "flat", **info.get("key", {})} != warm_key(cfg)
+                              or info.get("reward", "chain") != cfg.reward)
         if not os.path.exists(warm_json) or stale(json.load(open(warm_json))):
             model = build_model(cfg)
             model.load_state_dict(warm_state)

@@ -129,7 +129,8 @@ def _has_path(obj, path) -> bool:
 # Files a build or a documented script writes and git ignores, so a clean clone may lack them: the
 # extension's build record (absent where no extension is built, e.g. SVEB_SKIP_EXTENSION=1) and the
 # RL experiment's warm-start weights (rebuilt deterministically).
-GENERATED_FILES = {"sveb_kernels/_C_build.json", "bench/results/rl_credit/warm.pt"}
+GENERATED_FILES = {"sveb_kernels/_C_build.json", "bench/results/rl_credit/warm.pt",
+                   "bench/results/rl_credit_progress/warm.pt"}
 PATH = re.compile(r"(?<![\w/.-])((?:sveb_kernels|docs|bench|examples|tests|csrc|\.ci)/[\w./{},*-]*)")
 
 

@@ -157,6 +157,31 @@ def test_rewards_of_each_kind(rc):
     assert progress.tolist() == [1.0, 0.0, 0.5, 0.5]
 
 
+def test_ramp_slips_rise_along_the_chain(rc):
+    """slip_profile="ramp": line k slips with slip (k+1)/lines in the demonstrations; "flat": slip on every line."""
+    ramp = rc.Config(lines=4, slip=0.4, slip_profile="ramp")
+    np.testing.assert_allclose(rc.line_slip_probabilities(ramp), [0.1, 0.2, 0.3, 0.4])
+    np.testing.assert_allclose(rc.line_slip_probabilities(rc.Config(lines=3, slip=0.2)), [0.2, 0.2, 0.2])
+    n = 40_000
+    slips = rc.demo_slips(np.random.default_rng(0), n, 4, rc.line_slip_probabilities(ramp))
+    rate = (slips != 0).mean(axis=0)
+    p = np.array([0.1, 0.2, 0.3, 0.4])
+    assert (np.abs(rate - p) < 5 * np.sqrt(p * (1 - p) / n)).all(), rate
+    assert set(np.unique(slips)) <= {0, *rc.SLIPS}
+
+
+def test_warm_start_cache_from_before_slip_profiles_still_loads(rc, tmp_path):
+    """A cached warm start whose key predates slip_profile is the "flat" one; a "ramp" config rebuilds."""
+    cfg = rc.quick_config()
+    key = rc.warm_key(cfg)
+    del key["slip_profile"]
+    path = str(tmp_path / "warm.pt")
+    state = {k: v.clone() for k, v in rc.build_model(cfg).state_dict().items()}
+    torch.save({"key": key, "state": state, "history": [{"success": 0.5}]}, path)
+    loaded, history = rc.load_or_make_warm(cfg, path, lambda msg: None)
+    assert history == [{"success": 0.5}] and loaded.keys() == state.keys()
+
+
 def test_advantage_scaling_gives_all_equal_groups_zero_signal(rc):
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
     group = torch.arange(2).repeat_interleave(4)
