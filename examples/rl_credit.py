@@ -5,25 +5,32 @@
     python examples/rl_credit.py --quick --out /tmp/rl_credit                         # plumbing check, < 1 min
     python examples/rl_credit.py --out bench/results/rl_credit --jobs 2 --arms oracle_td,grpo --report-name rl_credit_td
                                                                                     # the TD amendment (docs/RL_EXPERIMENT_TD.md)
+    python examples/rl_credit.py --reward progress --out bench/results/rl_credit_progress --jobs 2
+                                  # the third testbed, every arm (docs/RL_EXPERIMENT_PROGRESS.md)
 
-Preregistration, arms and decision rules: docs/RL_EXPERIMENT.md (written before the grid ran).
+Preregistration, arms and decision rules: docs/RL_EXPERIMENT.md (written before the grid ran); the
+third testbed's: docs/RL_EXPERIMENT_PROGRESS.md.
 
 The task (issue 22's facts): a prompt "a0 + b" (BOS a0 + b \\n) asks for `--lines` lines
 `a + b = c` modulo 100 with the *same* operand b on every line, each line's a being the previous
 line's c (the first: a0). Every number 0..99 is one token, so a completion is exactly
-6 tokens per line (a + b = c \\n). The reward is 1 when the completion is the correct chain token for
-token, else 0. Because the correct continuation of a correct prefix is unique and a wrong token can
-never be undone, the value of a state under the policy itself is exact and closed-form:
+6 tokens per line (a + b = c \\n). The reward (`--reward`) is, for "chain", 1 when the completion is
+the correct chain token for token, else 0; for "progress", the share of lines written right before
+the first wrong token. Because the correct continuation of a correct prefix is unique and a wrong
+token can never be undone, the value of a state under the policy itself is exact and closed-form:
 
     V(s_t) = prod_{j >= t} pi(y*_j | y*_<j)   if the first t tokens are the correct chain's,   else 0,
 
-one teacher-forced forward pass of the correct chain per prompt (tests/test_rl_credit.py checks it
+for "chain" (for "progress" see `exact_values`; after the first wrong token V = R): one
+teacher-forced forward pass of the correct chain per prompt (tests/test_rl_credit.py checks it
 against Monte-Carlo continuations from prefixes). This is the positive control's value (the
 "oracle" arm) and the truth of every value diagnostic.
 
 Warm start (once, shared by every arm and seed): next-token training on demonstrations whose
 results slip (+-1 or +-10, with the chain continuing from the slipped value) with probability
-`--slip` each; the success ceiling of a perfect imitator is (1 - slip)^lines.
+`--slip` each (`--slip-profile ramp`: line k with slip (k+1)/lines); under a flat profile the
+success ceiling of a perfect imitator is (1 - slip)^lines. `--reward progress` loads the third
+testbed's frozen settings (`PROGRESS_SETTINGS`); explicit flags still override them.
 
 RL (every arm, every seed, same warm start, same prompt stream and sampling generator per seed, so
 step 1's batch is identical across arms): `--prompts` prompts x `--group` completions at

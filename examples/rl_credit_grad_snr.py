@@ -3,6 +3,8 @@ grpo / oracle / oracle_td advantages on the same rollouts from the cached warm s
 
     python examples/rl_credit_grad_snr.py 24 bench/results/rl_credit/grad_snr_td.json            # fresh prompts per batch
     python examples/rl_credit_grad_snr.py 24 bench/results/rl_credit/grad_snr_td_fixed.json --fixed  # the same 8 prompts
+    python examples/rl_credit_grad_snr.py 24 bench/results/rl_credit_progress/grad_snr.json --progress
+        # the third testbed's warm start and reward (docs/RL_EXPERIMENT_PROGRESS.md, section 3)
 
 Per arm: mean over K batches of the flattened gradient g_k;
 SNR = ||mean||^2 / (mean_k ||g_k - mean||^2 / K) (variance of the mean), and the mean cosine of g_k with
@@ -14,8 +16,10 @@ import rl_credit as rc
 
 torch.set_num_threads(1)
 K = int(sys.argv[1]) if len(sys.argv) > 1 else 16
-cfg = rc.Config()
-state = torch.load("bench/results/rl_credit/warm.pt", weights_only=False)["state"]
+PROGRESS = "--progress" in sys.argv
+cfg = rc.Config(**{**rc.asdict(rc.Config()), **rc.PROGRESS_SETTINGS}) if PROGRESS else rc.Config()
+state = torch.load("bench/results/rl_credit_progress/warm.pt" if PROGRESS else "bench/results/rl_credit/warm.pt",
+                   weights_only=False)["state"]
 model = rc.build_model(cfg); model.load_state_dict(state)
 params = [p for p in model.parameters()]
 group = torch.arange(cfg.prompts).repeat_interleave(cfg.group)
@@ -28,8 +32,9 @@ for k in range(K):
     ids = rc.sample(model, rc.prompt_tokens(pairs), cfg.group, cfg.completion_len, gen)
     correct = rc.chain_tokens(pairs, cfg.lines).repeat_interleave(cfg.group, dim=0)
     rollouts = ids[:, rc.PROMPT_LEN:]
-    rewards = (rollouts == correct).all(dim=1).double()
-    truth = rc.rollout_values(rc.exact_values(model, pairs, cfg).repeat_interleave(cfg.group, dim=0), rollouts, correct)
+    rewards = rc.rewards_of(rollouts, correct, cfg)
+    truth = rc.rollout_values(rc.exact_values(model, pairs, cfg).repeat_interleave(cfg.group, dim=0), rollouts, correct,
+                              cfg)
     gm = rewards.view(cfg.prompts, -1).mean(1).repeat_interleave(cfg.group)[:, None].expand_as(truth)
     model.train()
     logp, _ = rc.completion_logprobs(model, ids)
