@@ -100,10 +100,10 @@ REWARDS = ("chain", "progress")
 
 @dataclass
 class Config:
-    reward: str = "chain"           # "chain": 1 iff the whole chain is right; "progress": the share of leading right lines
+    reward: str = "chain"           # "chain": 1 iff the whole chain is right; "progress": share of leading right lines
     lines: int = 8
     slip: float = 0.08
-    slip_profile: str = "flat"      # "flat": every line slips with `slip`; "ramp": line k (0-based) with slip (k+1)/lines
+    slip_profile: str = "flat"      # "flat": every line slips with `slip`; "ramp": line k (0-based), slip (k+1)/lines
     width: int = 128
     layers: int = 2
     heads: int = 4
@@ -378,8 +378,8 @@ def warm_start(cfg: Config, log) -> tuple[dict, list]:
 
 
 def warm_key(cfg: Config) -> dict:
-    return {k: getattr(cfg, k) for k in ("lines", "slip", "slip_profile", "width", "layers", "heads", "warm_steps", "warm_target",
-                                         "warm_batch", "warm_lr", "warm_check")}
+    return {k: getattr(cfg, k) for k in ("lines", "slip", "slip_profile", "width", "layers", "heads", "warm_steps",
+                                         "warm_target", "warm_batch", "warm_lr", "warm_check")}
 
 
 def load_or_make_warm(cfg: Config, path: str, log) -> tuple[dict, list]:
@@ -800,7 +800,8 @@ def hista_choice(cfg: Config, warm_state: dict, log, prompts: int = 32,
     group = torch.arange(prompts).repeat_interleave(cfg.group)
     mask = decision_mask(cfg)[None].expand_as(truth)
     g = group[:, None].expand_as(truth)[mask].numpy()
-    out = {"mean_reward": float(rewards.mean()), "success": float((rewards == 1).double().mean()), "rollouts": int(ids.shape[0]), "scores": {}}
+    out = {"mean_reward": float(rewards.mean()), "success": float((rewards == 1).double().mean()),
+           "rollouts": int(ids.shape[0]), "scores": {}}
     from sveb_kernels.estimators import Hista
 
     est = Estimators(cfg)
