@@ -28,7 +28,7 @@ against Monte-Carlo continuations from prefixes). This is the positive control's
 
 Warm start (once, shared by every arm and seed): next-token training on demonstrations whose
 results slip (+-1 or +-10, with the chain continuing from the slipped value) with probability
-`--slip` each (`--slip-profile ramp`: line k with slip (k+1)/lines); under a flat profile the
+`--slip` each (`--slip-profile ramp`: line k with slip * (k+1)/lines); under a flat profile the
 success ceiling of a perfect imitator is (1 - slip)^lines. `--reward progress` loads the third
 testbed's frozen settings (`PROGRESS_SETTINGS`); explicit flags still override them.
 
@@ -103,7 +103,7 @@ class Config:
     reward: str = "chain"           # "chain": 1 iff the whole chain is right; "progress": share of leading right lines
     lines: int = 8
     slip: float = 0.08
-    slip_profile: str = "flat"      # "flat": every line slips with `slip`; "ramp": line k (0-based), slip (k+1)/lines
+    slip_profile: str = "flat"      # "flat": every line slips with `slip`; "ramp": line k (0-based), slip*(k+1)/lines
     width: int = 128
     layers: int = 2
     heads: int = 4
@@ -320,8 +320,10 @@ def exact_values(model: TinyGPT, pairs: np.ndarray, cfg: Config) -> torch.Tensor
     t = torch.arange(cfg.completion_len)
     ends = torch.arange(cfg.lines) * TOKENS_PER_LINE + TOKENS_PER_LINE - 1
     ahead = ends[None, :] >= t[:, None]  # [C, lines]: line k still open at state t
-    # log prod_{u=t}^{e_k} q_u = suffix[t] - suffix[e_k + 1]
-    reach = torch.exp(suffix[:, :-1, None] - suffix[:, None, ends + 1]) * ahead[None]
+    # log prod_{u=t}^{e_k} q_u = suffix[t] - suffix[e_k + 1]; a finished line's difference is -log of a
+    # product of probabilities, which can overflow exp: mask it to -inf first, never inf * 0 = NaN
+    log_reach = (suffix[:, :-1, None] - suffix[:, None, ends + 1]).masked_fill(~ahead[None], float("-inf"))
+    reach = torch.exp(log_reach)
     return ((t // TOKENS_PER_LINE).double()[None] + reach.sum(-1)) / cfg.lines
 
 
@@ -883,7 +885,10 @@ def main(argv=None) -> dict:
                 json.dump(info, f, indent=1)
             log(f"warm start: held-out success {info['held_out_success']:.3f}")
         if a.score_norms:
-            return score_norms(cfg, warm_state, log, prompts=4 if cfg.quick else 32)
+            norms = score_norms(cfg, warm_state, log, prompts=4 if cfg.quick else 32)
+            with open(os.path.join(a.out, f"score_norms_{cfg.reward}.json"), "w") as f:
+                json.dump({"warm_key": warm_key(cfg), "reward": cfg.reward, **norms}, f, indent=1)
+            return norms
         if a.warm_only:
             return {}
         arms = [x for x in a.arms.split(",") if x]

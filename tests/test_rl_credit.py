@@ -144,6 +144,21 @@ def test_progress_values_match_monte_carlo_continuations(rc, trained):
     assert rc.rewards_of(rollouts, correct.repeat(2, 1), cfg).tolist() == [1.0, 1 / 3]
 
 
+def test_progress_values_of_a_hopeless_policy_are_finite(rc):
+    """A policy that puts almost no mass on the correct chain: finished lines' log-products are
+    huge positive numbers that must not reach exp (inf * 0 = NaN); the values are ~lines done / lines."""
+    cfg = rc.Config(lines=3, width=16, layers=1, heads=2, reward="progress")
+    model = rc.build_model(cfg)
+    with torch.no_grad():  # the head reads a constant vector of ones and gives BOS a logit of 100 * width
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.fill_(1.0)
+        model.head.weight.zero_()
+        model.head.weight[rc.BOS] = 100.0
+    v = rc.exact_values(model, np.array([[17, 3]]), cfg)[0]
+    assert torch.isfinite(v).all(), v
+    torch.testing.assert_close(v, (torch.arange(cfg.completion_len) // 6).double() / cfg.lines, atol=1e-12, rtol=0)
+
+
 def test_rewards_of_each_kind(rc):
     correct = torch.arange(12).repeat(4, 1)
     rollouts = correct.clone()
@@ -171,7 +186,7 @@ def test_ramp_slips_rise_along_the_chain(rc):
 
 
 def test_warm_start_cache_from_before_slip_profiles_still_loads(rc, tmp_path):
-    """A cached warm start whose key predates slip_profile is the "flat" one; a "ramp" config rebuilds."""
+    """A cached warm start whose key predates slip_profile is the "flat" one."""
     cfg = rc.quick_config()
     key = rc.warm_key(cfg)
     del key["slip_profile"]
